@@ -1,0 +1,122 @@
+"""Command line of the game.
+
+    python -m game validate [PATH ...]        check case files (default: scenarios/)
+    python -m game list [--json]              the playable cases and their adapters
+    python -m game schema                     print the JSON schema of a case file
+    python -m game play CASE_ID [--questions-file F --verdict guilty|innocent] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from game import adapters as adapter_files
+from game.config import GameConfig
+from game.scenario import json_schema, load_cases, read_cases
+from game.session import MoveRefused
+
+
+def validate(args: argparse.Namespace, config: GameConfig) -> int:
+    cases, problems = read_cases(args.paths or [config.scenarios])
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print(f"{len(cases)} case(s) valid")
+    return 1 if problems else 0
+
+
+def list_cases(args: argparse.Namespace, config: GameConfig) -> int:
+    # No base is loaded here (seconds, not a listing's job): staleness and presence come from the files alone.
+    rows = []
+    for case_id, loaded in sorted(load_cases(config.scenarios).items()):
+        info = adapter_files.inspect(config.adapters, loaded, base=None)
+        rows.append({"id": case_id, "title": loaded.case.title,
+                     "adapter": str(info.path) if info.usable else None, "adapter_status": info.status.value})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['id']:28} {row['adapter_status']:8} {row['title']}")
+    return 0
+
+
+def play(args: argparse.Namespace, config: GameConfig) -> int:
+    from game.room import UnknownCase, open_room
+
+    room = open_room(config)
+    try:
+        briefing = room.new_game(args.case_id)
+    except UnknownCase as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    out = sys.stderr if args.json else sys.stdout
+    print(f"{briefing.title}\n\n{briefing.briefing}\n\nSuspect: {briefing.suspect.name}, {briefing.suspect.age}, "
+          f"{briefing.suspect.role}. [{briefing.suspect_note}]\n", file=out)
+    if args.questions_file:
+        questions = [q for q in Path(args.questions_file).read_text().splitlines() if q.strip()]
+    else:
+        questions = iter(lambda: input(f"Question ({room.session(briefing.game_id).questions_left} left, "
+                                       "empty line to decide)> "), "")
+    for question in questions:
+        try:
+            answer = ""
+            for answer in room.ask(briefing.game_id, question):
+                pass
+        except MoveRefused as exc:
+            print(f"Refused: {question!r}: {exc}", file=out)
+            continue
+        print(f"Q: {question}\nA: {answer}\n", file=out)
+        if not args.questions_file and room.session(briefing.game_id).questions_left == 0:
+            break
+    verdict = args.verdict
+    while verdict not in ("guilty", "innocent"):
+        verdict = input("Verdict (guilty/innocent)> ").strip().lower()
+    try:
+        result = room.decide(briefing.game_id, accused=verdict == "guilty").result
+    except MoveRefused as exc:
+        print(f"Refused: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({
+            "case": briefing.case_id,
+            "transcript": [{"question": e.question, "answer": e.answer} for e in result.transcript],
+            "verdict": verdict, "correct": result.correct, "truth": result.truth,
+        }, indent=2))
+    else:
+        print(f"Your verdict: {verdict}. You were {'right' if result.correct else 'wrong'}: the suspect was "
+              f"{'guilty' if result.guilty else 'innocent'}.\n\nWhat really happened: {result.truth}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m game", description=__doc__.split("\n")[0])
+    parser.add_argument("--scenarios", type=Path, help="case folder (default: scenarios/, or $IR_SCENARIOS)")
+    parser.add_argument("--adapters", type=Path, help="adapter folder (default: adapters/, or $IR_ADAPTERS)")
+    parser.add_argument("--base", help="base model: embedded, a .gguf, a Llama folder or a hub id ($IR_BASE)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("validate", help="check case files; exit 1 on any problem")
+    p.add_argument("paths", nargs="*", type=Path)
+    p.set_defaults(run=validate)
+    p = sub.add_parser("list", help="the playable cases")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=list_cases)
+    p = sub.add_parser("schema", help="print the JSON schema of a case file")
+    p.set_defaults(run=lambda args, config: print(json_schema(), end="") or 0)
+    p = sub.add_parser("play", help="play one game on the terminal")
+    p.add_argument("case_id")
+    p.add_argument("--questions-file", help="one question per line; the sixth and later are refused")
+    p.add_argument("--verdict", choices=["guilty", "innocent"])
+    p.add_argument("--json", action="store_true", help="print the transcript and result as one JSON object")
+    p.set_defaults(run=play)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    config = GameConfig.from_env(scenarios=args.scenarios, adapters=args.adapters, base=args.base)
+    return args.run(args, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

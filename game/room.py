@@ -1,0 +1,148 @@
+"""The interrogation room: the server side of many concurrent games, keyed by an opaque game id.
+
+It pairs each game's `Session` (the rules) with its case and the shared `Suspect` (the model). Whatever is
+secret (the truth, the verdict that would be right) stays in here; callers get a briefing, answers, and after
+the verdict a result.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from game import adapters as adapter_files
+from game.base import resolve
+from game.config import GameConfig
+from game.results import CaseRecord, ResultStore
+from game.scenario import LoadedCase, Persona, load_cases
+from game.session import Exchange, MoveRefused, Result, Session
+
+log = logging.getLogger(__name__)
+
+MAX_GAMES = 10_000  # finished and abandoned games are forgotten oldest first beyond this
+
+
+class UnknownCase(LookupError):
+    pass
+
+
+class UnknownGame(LookupError):
+    pass
+
+
+class Answerer(Protocol):
+    def stream(self, case, transcript, question) -> Iterator[str]: ...
+
+
+@dataclass(frozen=True)
+class Briefing:
+    game_id: str
+    case_id: str
+    title: str
+    briefing: str
+    suspect: Persona
+    max_questions: int
+    suspect_note: str  # which suspect plays: fine-tuned, or prompt-only and why
+
+
+@dataclass(frozen=True)
+class Verdict:
+    result: Result
+    record: CaseRecord | None  # this case's record over all players, this game included
+
+
+class Room:
+    def __init__(self, cases: dict[str, LoadedCase], suspect: Answerer, notes: dict[str, str],
+                 store: ResultStore | None = None):
+        if not cases:
+            raise UnknownCase("no valid case to play: add a case file under scenarios/ (see README)")
+        self.cases, self.suspect, self.notes, self.store = cases, suspect, notes, store
+        self._games: OrderedDict[str, Session] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def new_game(self, case_id: str | None = None, rng: random.Random | None = None) -> Briefing:
+        if case_id is None:
+            case_id = (rng or random).choice(sorted(self.cases))
+        if case_id not in self.cases:
+            raise UnknownCase(f"unknown case '{case_id}'; known cases: {', '.join(sorted(self.cases))}")
+        case = self.cases[case_id].case
+        game_id = secrets.token_urlsafe(16)
+        session = Session(case_id=case.id, guilty=case.guilty, truth=case.truth).begin()
+        with self._lock:
+            self._games[game_id] = session
+            while len(self._games) > MAX_GAMES:
+                self._games.popitem(last=False)
+        return Briefing(game_id, case.id, case.title, case.briefing, case.suspect, session.max_questions,
+                        self.notes.get(case.id, ""))
+
+    def session(self, game_id: str) -> Session:
+        with self._lock:
+            if game_id not in self._games:
+                raise UnknownGame("this game has ended or never existed: start a new case")
+            return self._games[game_id]
+
+    def _swap(self, game_id: str, move) -> Session:
+        """Apply a move atomically: the session may be touched by two requests of the same player at once."""
+        with self._lock:
+            if game_id not in self._games:
+                raise UnknownGame("this game has ended or never existed: start a new case")
+            self._games[game_id] = new = move(self._games[game_id])
+            return new
+
+    def ask(self, game_id: str, question: str) -> Iterator[str]:
+        """Refuse an illegal question at once (MoveRefused), else stream the suspect's answer as it grows."""
+        session = self._swap(game_id, lambda s: s.ask(question))
+        case = self.cases[session.case_id].case
+        return self._answer(game_id, case, session.transcript, session.pending)
+
+    def _answer(self, game_id: str, case, transcript: tuple[Exchange, ...], question: str) -> Iterator[str]:
+        answer = ""
+        try:
+            for answer in self.suspect.stream(case, transcript, question):
+                yield answer
+        except BaseException:
+            # The suspect failed or the player left mid-answer: the question does not count.
+            self._swap(game_id, lambda s: s.withdraw())
+            raise
+        self._swap(game_id, lambda s: s.answer(answer))
+
+    def decide(self, game_id: str, accused: bool) -> Verdict:
+        session = self._swap(game_id, lambda s: s.decide(accused))
+        record = None
+        if self.store is not None:
+            try:
+                self.store.record(game_id, session.case_id, session.result)
+                record = self.store.case_record(session.case_id)
+            except Exception:  # a full disk must not take the result from the player
+                log.exception("could not record game %s", game_id)
+        return Verdict(session.result, record)
+
+
+def open_room(config: GameConfig) -> Room:
+    """Read the cases, load the base once and every usable adapter beside it."""
+    from game.suspect import Suspect
+
+    cases = load_cases(config.scenarios)
+    base = resolve(config.base)
+    suspect = Suspect(base, device=config.device)
+    notes = {}
+    for case_id, loaded in cases.items():
+        info = adapter_files.inspect(config.adapters, loaded, base)
+        if info.status is not adapter_files.Status.MISSING and info.status is not adapter_files.Status.READY:
+            log.warning("%s: %s", case_id, info.message)
+        if info.usable and suspect.load_adapter(info):
+            notes[case_id] = "Fine-tuned suspect" + (" (stale adapter: retrain it)" if info.status.value == "stale" else "")
+        elif info.usable:
+            notes[case_id] = f"Prompt-only suspect: the adapter in {info.path} could not be loaded (see the server log)"
+        else:
+            notes[case_id] = "Prompt-only suspect: " + info.message
+    return Room(cases, suspect, notes, ResultStore(config.results))
+
+
+__all__ = ["Room", "open_room", "Briefing", "Verdict", "UnknownCase", "UnknownGame", "MoveRefused"]

@@ -1,0 +1,186 @@
+"""A case: the one definition of what a case file under scenarios/ holds, and how case files are read.
+
+`scenarios/schema.json` is generated from `Case` (`python -m game schema`); a test fails when it is stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+log = logging.getLogger(__name__)
+
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+Phrase = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Persona(Strict):
+    """Who the player questions. `manner` is how they speak; it shapes every answer."""
+
+    name: Text
+    age: int = Field(ge=12, le=110)
+    role: Text = Field(description="Their job or place in the story, e.g. 'night guard at the museum'.")
+    manner: Text = Field(description="How they speak, e.g. 'curt, answers questions with questions'.")
+
+
+class Tell(Strict):
+    """Something a guilty suspect lets slip under pressure; `keywords` are how an answer shows it."""
+
+    text: Text = Field(description="What the tell is, in a sentence (for authors and the result screen).")
+    keywords: list[Phrase] = Field(min_length=1, description="Words or phrases; an answer containing any shows it.")
+
+
+class Topic(Strict):
+    """Dialogue material: ways a detective asks about one thing, and in-character answers to any of them."""
+
+    name: Text
+    kind: Literal["fact", "pressure", "break_character"] = Field(
+        "fact",
+        description="fact: the suspect states what they know; pressure: accusations and pushing; "
+        "break_character: attempts to make the suspect drop the role ('are you an AI?').",
+    )
+    questions: list[Text] = Field(min_length=2)
+    answers: list[Text] = Field(min_length=2)
+
+
+class Probe(Strict):
+    """A held-out question for evaluation: never used for training."""
+
+    question: Text
+    paraphrases: list[Text] = Field(default_factory=list)
+    kind: Literal["fact", "pressure", "break_character"] = "fact"
+    expect: list[list[Phrase]] = Field(
+        default_factory=list,
+        description="Facts the answer must state: each inner list holds alternatives, any one of which counts.",
+    )
+    contradict: list[Phrase] = Field(
+        default_factory=list, description="Phrases that would contradict the case's facts if an answer said them."
+    )
+
+
+class Case(Strict):
+    id: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{1,47}$")]
+    title: Text
+    briefing: Annotated[str, StringConstraints(strip_whitespace=True, min_length=20, max_length=1500)] = Field(
+        description="What the player is told before questioning: the situation. Must not give away the truth."
+    )
+    suspect: Persona
+    guilty: bool = Field(description="Hidden until the verdict.")
+    truth: Text = Field(description="What really happened. Hidden until the verdict.")
+    facts: list[Text] = Field(min_length=1, description="What the suspect knows and will state when asked.")
+    tells: list[Tell] = Field(default_factory=list, description="Required when guilty.")
+    quirks: list[Text] = Field(
+        default_factory=list, description="Nervous but innocent habits; they make an innocent suspect look shifty."
+    )
+    admissions: list[Phrase] = Field(
+        min_length=1,
+        description="Phrases of an outright confession ('I took the brooch'). A guilty suspect saying one leaks the "
+        "truth; an innocent one saying one confesses falsely.",
+    )
+    topics: list[Topic] = Field(min_length=3)
+    probes: list[Probe] = Field(min_length=3)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Case:
+        if self.guilty and not self.tells:
+            raise ValueError("tells: a guilty suspect needs at least one tell, or the case cannot be solved")
+        if not any(t.kind == "break_character" for t in self.topics):
+            raise ValueError("topics: at least one topic of kind 'break_character' is needed to keep the suspect in role")
+        names = [t.name for t in self.topics]
+        if len(set(names)) != len(names):
+            raise ValueError("topics: topic names must be unique")
+        trained = {q.casefold() for t in self.topics for q in t.questions}
+        for i, probe in enumerate(self.probes):
+            for q in [probe.question, *probe.paraphrases]:
+                if q.casefold() in trained:
+                    raise ValueError(f"probes.{i}: '{q}' is also a training question; probes must be held out")
+        return self
+
+
+class CaseError(ValueError):
+    """One problem in one case file, as `PATH: field.path: message`."""
+
+    def __init__(self, path: Path | str, field: str, message: str):
+        self.path, self.field, self.message = str(path), field, message
+        super().__init__(f"{self.path}: {field}: {message}")
+
+
+@dataclass(frozen=True)
+class LoadedCase:
+    case: Case
+    path: Path
+    sha256: str
+
+
+def _errors(path: Path, exc: ValidationError) -> list[CaseError]:
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (see scenarios/schema.json)"
+        out.append(CaseError(path, loc, msg))
+    return out
+
+
+def read_case(path: Path) -> tuple[LoadedCase | None, list[CaseError]]:
+    """Parse one case file; never raises for a bad file, returns its problems instead."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        return None, [CaseError(path, "(file)", exc.strerror or str(exc))]
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f"line {exc.lineno} column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else str(exc)
+        return None, [CaseError(path, "(json)", f"not valid JSON: {where}")]
+    try:
+        case = Case.model_validate(data)
+    except ValidationError as exc:
+        return None, _errors(path, exc)
+    return LoadedCase(case, path, hashlib.sha256(raw).hexdigest()), []
+
+
+def case_files(paths: list[Path]) -> list[Path]:
+    files = []
+    for p in paths:
+        files.extend(sorted(q for q in p.glob("*.json") if q.name != "schema.json") if p.is_dir() else [p])
+    return files
+
+
+def read_cases(paths: list[Path]) -> tuple[dict[str, LoadedCase], list[CaseError]]:
+    """All valid cases by id, and every problem found (bad files and duplicate ids are left out, not fatal)."""
+    cases: dict[str, LoadedCase] = {}
+    problems: list[CaseError] = []
+    for path in case_files(paths):
+        loaded, errs = read_case(path)
+        problems.extend(errs)
+        if loaded is None:
+            continue
+        if loaded.case.id in cases:
+            problems.append(CaseError(path, "id", f"duplicate id '{loaded.case.id}', also in {cases[loaded.case.id].path}"))
+            continue
+        cases[loaded.case.id] = loaded
+    return cases, problems
+
+
+def load_cases(directory: Path) -> dict[str, LoadedCase]:
+    """The app's view: valid cases only, each bad file logged as a warning and skipped."""
+    cases, problems = read_cases([directory])
+    for problem in problems:
+        log.warning("skipping case: %s", problem)
+    return cases
+
+
+def json_schema() -> str:
+    return json.dumps(Case.model_json_schema(), indent=2) + "\n"

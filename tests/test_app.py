@@ -1,0 +1,92 @@
+"""A whole game through the served Gradio app, driven over its API with gradio_client."""
+
+import json
+
+import pytest
+from gradio_client import Client
+
+from conftest import MINIMAL_CASE
+from game.config import GameConfig
+from game.room import open_room
+
+INNOCENT = json.loads(json.dumps(MINIMAL_CASE)) | {
+    "id": "greenhouse-innocent", "guilty": False, "tells": [], "quirks": ["Hums when nervous."],
+    "truth": "A raccoon broke the pane and the orchid was knocked into the compost; nobody stole it.",
+}
+QUESTIONS = ["Where were you last night?", "Who has a key?", "What did you see in the morning?",
+             "Why is the pane broken?", "Did you take the orchid?"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("app")
+    (folder / "scenarios").mkdir()
+    for case in (MINIMAL_CASE, INNOCENT):
+        (folder / "scenarios" / f"{case['id']}.json").write_text(json.dumps(case))
+    (folder / "scenarios" / "broken.json").write_text('{"id": ')  # must not stop the app
+    room = open_room(GameConfig(scenarios=folder / "scenarios", adapters=folder / "adapters",
+                                results=folder / "results.db"))
+    from app import build_app
+    demo = build_app(room).queue()
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
+    yield room, Client(url, verbose=False)
+    demo.close()
+
+
+def test_briefing_shows_the_case_but_not_its_truth(served):
+    _, client = served
+    shown = json.dumps(client.predict(MINIMAL_CASE["id"], api_name="/new_game"))
+    assert "The Greenhouse Orchid" in shown and "Ivo Brandt" in shown
+    assert MINIMAL_CASE["truth"] not in shown and "guilty\": true" not in shown
+
+
+def test_unknown_case_is_a_clear_error(served):
+    _, client = served
+    with pytest.raises(Exception, match="no-such-case is not in the list of choices"):
+        client.predict("no-such-case", api_name="/new_game")
+
+
+def text_of(message):
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(part["text"] for part in content)
+
+
+def play(client, case_id, questions):
+    client.predict(case_id, api_name="/new_game")  # one Client is one browser session: it keeps the game id
+    answers = []
+    for question in questions:
+        history, *_ = client.predict(question, [], api_name="/ask")
+        assert text_of(history[-2]) == question
+        answers.append(text_of(history[-1]))
+    return answers
+
+
+def test_a_full_guilty_game_refuses_the_sixth_question_and_records_the_result(served):
+    room, client = served
+    answers = play(client, MINIMAL_CASE["id"], QUESTIONS)
+    assert len(answers) == 5 and all(answers)
+    assert MINIMAL_CASE["truth"] not in json.dumps(answers)
+    with pytest.raises(Exception, match="all 5 questions"):
+        client.predict("A sixth?", [], api_name="/ask")
+    result_text, transcript, *_ = client.predict(api_name="/guilty")
+    assert "You were right" in result_text and MINIMAL_CASE["truth"] in result_text
+    assert "1 of 1 players got this case right" in result_text
+    assert [text_of(m) for m in transcript[1::2]] == answers
+    with pytest.raises(Exception, match="already been given"):
+        client.predict(api_name="/innocent")
+    [game] = room.store.games(MINIMAL_CASE["id"])
+    assert game["correct"] and game["questions"] == 5 and game["transcript"][0]["question"] == QUESTIONS[0]
+
+
+def test_an_early_wrong_verdict_on_an_innocent_suspect(served):
+    _, client = served
+    play(client, INNOCENT["id"], QUESTIONS[:1])
+    result_text, *_ = client.predict(api_name="/guilty")
+    assert "You were wrong" in result_text and INNOCENT["truth"] in result_text
+
+
+def test_question_with_markup_is_shown_as_text(served):
+    _, client = served
+    client.predict(MINIMAL_CASE["id"], api_name="/new_game")
+    history, *_ = client.predict("<script>alert(1)</script>Who?", [], api_name="/ask")
+    assert text_of(history[-2]) == "&lt;script&gt;alert(1)&lt;/script&gt;Who?"
