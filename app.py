@@ -115,8 +115,8 @@ def build_app(room: Room) -> gr.Blocks:
             if verdict.record is not None:
                 rec = verdict.record
                 text += f"\n\n_{rec.solved} of {rec.played} players got this case right._"
-            history = [{"role": role, "content": html.escape(text, quote=False)} for e in r.transcript
-                       for role, text in (("user", e.question), ("assistant", e.answer))]
+            history = [{"role": role, "content": html.escape(said, quote=False)} for e in r.transcript
+                       for role, said in (("user", e.question), ("assistant", e.answer))]
             return (text, history, gr.Column(visible=False), gr.Column(visible=True),
                     gr.Button(interactive=False), gr.Button(interactive=False))
 
