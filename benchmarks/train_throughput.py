@@ -1,0 +1,127 @@
+"""Training throughput: Unsloth against plain transformers + peft, same data, same seed, same trainer code.
+
+    python benchmarks/train_throughput.py --shape smollm2-135m --backend unsloth
+    python benchmarks/train_throughput.py --shape llama-3.1-8b --backend hf --steps 20
+
+One (shape, backend) per process: Unsloth patches transformers on import, so the two cannot share one.
+The 135M shape is the embedded base at the bundled recipe (training/config.py); the Llama shapes are random
+weights of the published configurations (nothing to download) at the seed recipe: batch 2 x grad-accum 4,
+sequences up to 2048, 4-bit for 8B. Prints one JSON object and appends it to benchmarks/results/train_throughput.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Published configurations (config.json of meta-llama/Llama-3.2-1B-Instruct and Llama-3.1-8B-Instruct).
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, head_dim=64),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, head_dim=128),
+}
+
+
+@dataclass
+class Args:
+    shape: str = "smollm2-135m"
+    backend: str = "unsloth"
+    steps: int | None = None
+    case: str = "lighthouse-logbook"
+    base: str = "embedded"
+    shapes_dir: Path = Path("/tmp/shapes")
+    out: Path = ROOT / "benchmarks" / "results" / "train_throughput.jsonl"
+
+
+def random_base(shape: str, folder: Path, tokenizer_dir: str) -> Path:
+    """A random-weight checkpoint of a published shape, saved once (the trainers load it like any folder)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").exists():
+        return folder
+    config = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    # The embedded tokenizer (49k ids) fits inside the Llama-3 vocabulary; throughput does not depend on which ids.
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    return folder
+
+
+def main(args: Args) -> dict:
+    if args.backend == "unsloth":
+        import unsloth  # noqa: F401  (first: it patches transformers, trl and peft)
+    import torch
+
+    from game.base import resolve
+    from training.config import DataArguments, LoraArguments, TrainArguments
+    from training.data import case_chats, load_case
+    from training.train import hyperparameters, load_model, make_trainer, _meter
+
+    embedded = resolve(args.base)
+    if args.shape == "smollm2-135m":
+        base, data_args = embedded, DataArguments()
+        train = TrainArguments(steps=args.steps or 60, save_steps=10**6)  # no checkpoints: not what is measured
+        in_4bit = False
+    else:
+        base = resolve(str(random_base(args.shape, args.shapes_dir / args.shape, embedded.path)))
+        data_args = DataArguments(max_length=2048)
+        train = TrainArguments(steps=args.steps or 20, batch_size=2, grad_accum=4, lr=2e-4, save_steps=10**6)
+        in_4bit = args.shape == "llama-3.1-8b"
+    lora = LoraArguments(rank=16) if args.shape != "smollm2-135m" else LoraArguments()
+    loaded = load_case(ROOT / "scenarios", args.case)
+    dataset = case_chats(loaded.case, train.steps * train.examples_per_step, train.seed, data_args.min_turns,
+                         data_args.max_turns)
+    hyper = hyperparameters(data_args, lora, train, args.backend, True, in_4bit)
+    work = Path(f"/tmp/throughput-{args.shape}-{args.backend}")
+    t0 = time.perf_counter()
+    model, tokenizer, peft_config = load_model(args.backend, base, lora, train, data_args.max_length, in_4bit)
+    load_s = time.perf_counter() - t0
+    trainer = make_trainer(model, tokenizer, peft_config, dataset, work, hyper, args.backend, True, data_args, train)
+    meter = _meter()
+    trainer.add_callback(meter)
+    torch.cuda.reset_peak_memory_stats()
+    result = trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    figures = {
+        "shape": args.shape, "backend": args.backend, "gpu": torch.cuda.get_device_name(0),
+        "steps": trainer.state.global_step, "batch": f"{train.batch_size}x{train.grad_accum}",
+        "lora_rank": lora.rank, "load_in_4bit": in_4bit, "gradient_checkpointing": hyper["gradient_checkpointing"],
+        "load_s": round(load_s, 1), "train_s": round(meter.seconds, 1), "tokens": meter.tokens,
+        "tokens_per_s": round(meter.tokens / meter.seconds, 1) if meter.seconds else None,
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "final_loss": round(losses[-1], 4) if losses else round(result.training_loss, 4),
+        "versions": {name: _version(name) for name in ("torch", "transformers", "trl", "peft", "unsloth", "bitsandbytes")},
+    }
+    print(json.dumps(figures))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        f.write(json.dumps(figures) + "\n")
+    return figures
+
+
+def _version(name: str) -> str | None:
+    import importlib.metadata
+
+    return importlib.metadata.version(name) if importlib.util.find_spec(name) else None
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for key, value in asdict(Args()).items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value) if value is not None else int, default=value)
+    main(Args(**vars(parser.parse_args())))
