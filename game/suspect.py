@@ -1,7 +1,15 @@
 """The model that answers: one base in memory for every game, each case's LoRA adapter loaded once beside it.
 
-An answer is generated with the tokenizer's chat template over `game.prompt.chat`, streamed as it grows, and
+An answer is generated greedily over the tokenizer's chat template of `game.prompt.chat`, streamed as it grows, and
 cleaned at the end: no role tokens, no text after the suspect's turn, no half sentence, no repeated sentence.
+Generation stops as soon as more text could no longer change the cleaned answer (three sentences are complete, or
+the turn has ended on a whole sentence), which is the same answer sooner.
+
+Two engines run it, chosen by `engine=` ("auto": the first that fits):
+- "llama.cpp" (CPU): the base's own GGUF through llama-cpp-python, each adapter converted once to a GGUF LoRA
+  (game/llamacpp.py). About 4x the tokens/s of transformers on a 2-core CPU. Needs `pip install llama-cpp-python`
+  (builds from source in ~5 min) and a GGUF base; without either the torch engine runs.
+- "torch" (GPU, or CPU otherwise): game/engine.py, which batches concurrent players across their cases' adapters.
 """
 
 from __future__ import annotations
@@ -9,16 +17,18 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from game.adapters import AdapterInfo
 from game.base import Base
-from game.prompt import chat
+from game.engine import BatchedEngine, Request
+from game.prompt import chat, system_prompt
 from game.scenario import Case
 from game.session import Exchange
 
@@ -28,6 +38,7 @@ log = logging.getLogger(__name__)
 _TURN_MARKERS = re.compile(r"<\|[^|]*\|>|</?s>|\n\s*(?:user|assistant|system|detective|q|a)\s*[:\n]", re.IGNORECASE)
 _SENTENCE = re.compile(r"[^.!?…]*[.!?…]+[\"'”’)]*")
 MAX_SENTENCES = 3
+ENGINES = ("auto", "llama.cpp", "torch")
 
 
 @dataclass(frozen=True)
@@ -37,19 +48,27 @@ class GenerationSettings:
     do_sample: bool = False  # the same question gets the same answer: players can re-check a story
 
 
+def _sentences(text: str) -> tuple[list[str], int, int | None]:
+    """Distinct sentences of normalised text in order, where the last match ends, and where the third one ended."""
+    sentences: list[str] = []
+    end, settled_at = 0, None
+    for match in _SENTENCE.finditer(text):
+        end = match.end()
+        sentence = match.group().strip()
+        if sentence and sentence not in sentences:
+            sentences.append(sentence)
+            if len(sentences) == MAX_SENTENCES:
+                settled_at = end
+    return sentences, end, settled_at
+
+
 def clean_answer(text: str, finished: bool = True) -> str:
     """The part of raw model output that is the suspect's answer.
 
     `finished` is False when generation stopped at the token limit: then a trailing unfinished sentence goes.
     """
     text = " ".join(_TURN_MARKERS.split(text, maxsplit=1)[0].split())
-    sentences: list[str] = []
-    end = 0
-    for match in _SENTENCE.finditer(text):
-        end = match.end()
-        sentence = match.group().strip()
-        if sentence and sentence not in sentences:
-            sentences.append(sentence)
+    sentences, end, _ = _sentences(text)
     tail = text[end:].strip()
     if tail and finished:
         sentences.append(tail)
@@ -58,101 +77,126 @@ def clean_answer(text: str, finished: bool = True) -> str:
     return " ".join(sentences[:MAX_SENTENCES])
 
 
-class _Cancelled(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs) -> bool:
-        return self.event.is_set()
+def answer_settled(raw: str) -> bool:
+    """True when no further output can change clean_answer(raw + more), whatever `finished` turns out to be."""
+    parts = _TURN_MARKERS.split(raw, maxsplit=1)
+    text = " ".join(parts[0].split())
+    sentences, end, settled_at = _sentences(text)
+    if len(parts) > 1:  # the turn is over: only an unfinished tail would still depend on `finished`
+        return settled_at is not None or not text[end:].strip()
+    # A sentence match is final once text follows it; the answer keeps only the first three distinct ones.
+    return settled_at is not None and settled_at < len(text)
 
 
 class Suspect:
-    """Owns the model. Thread-safe: one generation at a time (adapters are switched on the shared model)."""
+    """Owns the model. Thread-safe: every session's questions go to one engine, which serves them together."""
 
-    def __init__(self, base: Base, device: str | None = None, settings: GenerationSettings = GenerationSettings()):
+    def __init__(self, base: Base, device: str | None = None, settings: GenerationSettings = GenerationSettings(),
+                 engine: str = "auto", max_batch: int | None = None):
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         self.base = base
         self.settings = settings
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(base.path)
-        self.model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype).to(self.device).eval()
         self.adapters: dict[str, Path] = {}  # case id -> folder, for those loaded
-        self._lock = threading.Lock()
+        self._encode_lock = threading.Lock()  # a fast tokenizer must not encode in two threads at once
+        self._prefixes: dict[str, tuple[str, int]] = {}  # case id -> (system prompt, its length in tokens)
+        from game import llamacpp
+
+        gguf = llamacpp.gguf_of(base) if self.device == "cpu" and engine != "torch" else None
+        if engine == "llama.cpp" and gguf is None:
+            raise ValueError(llamacpp.unavailable_reason(base, self.device))
+        if gguf is not None and llamacpp.available():
+            self.engine_name = "llama.cpp"
+            self._engine = llamacpp.LlamaCppEngine(gguf, eos=self._eos_ids())
+        else:
+            if engine == "llama.cpp":
+                raise ValueError(llamacpp.unavailable_reason(base, self.device))
+            self.engine_name = "torch"
+            dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+            model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype).to(self.device).eval()
+            batch = max_batch or (32 if self.device.startswith("cuda") else 4)
+            self._engine = BatchedEngine(model, eos=self._eos_ids(), max_batch=batch)
+        log.info("suspect engine: %s on %s", self.engine_name, self.device)
+
+    def _eos_ids(self) -> set[int]:
+        from transformers import GenerationConfig
+
+        try:
+            eos = GenerationConfig.from_pretrained(self.base.path).eos_token_id
+        except OSError:
+            eos = None
+        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        return set(eos) if isinstance(eos, (list, tuple)) else {eos}
 
     def load_adapter(self, info: AdapterInfo) -> bool:
         """Load a usable adapter under its case id. Returns False, with the reason logged, when it cannot."""
         if not info.usable:
             return False
-        from peft import PeftModel
-
         try:
-            with self._lock:
-                if isinstance(self.model, PeftModel):
-                    self.model.load_adapter(str(info.path), adapter_name=info.case_id)
-                else:
-                    self.model = PeftModel.from_pretrained(self.model, str(info.path), adapter_name=info.case_id)
-                self.model.eval()
+            self._engine.load_adapter(info.case_id, Path(info.path))
         except Exception as exc:  # a corrupt or incompatible adapter must not stop the game: play prompt-only
             log.warning("could not load adapter %s: %s", info.path, exc)
             return False
-        self.adapters[info.case_id] = info.path
+        self.adapters[info.case_id] = Path(info.path)
         return True
 
-    def stream(self, case: Case, transcript: Sequence[Exchange], question: str) -> Iterator[str]:
-        """Yield the answer so far, growing; the last value is the cleaned final answer."""
-        messages = chat(case, transcript, question)
-        inputs = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        ).to(self.device)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False)
-        cancelled = threading.Event()
+    def _prompt(self, case: Case, messages: list[dict[str, str]]) -> tuple[list[int], int]:
+        """The prompt's token ids, and how many of them are the case's system prompt (the same in every question)."""
+        with self._encode_lock:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+            text = system_prompt(case)
+            known = self._prefixes.get(case.id)
+            if known is None or known[0] != text:
+                head = self.tokenizer.apply_chat_template(messages[:1], return_dict=True)["input_ids"]
+                known = self._prefixes[case.id] = (text, len(head) if ids[:len(head)] == head else 0)
+        return list(ids), known[1]
+
+    def stream(self, case: Case, transcript: Sequence[Exchange], question: str,
+               stats: dict | None = None) -> Iterator[str]:
+        """Yield the answer so far, growing; the last value is the cleaned final answer.
+
+        `stats`, when given, is filled with the prompt's and the answer's token counts and their timings.
+        """
+        started = time.perf_counter()
+        prompt, prefix = self._prompt(case, chat(case, transcript, question))
         s = self.settings
-        kwargs = dict(
-            **inputs, streamer=streamer, max_new_tokens=s.max_new_tokens, do_sample=s.do_sample,
-            repetition_penalty=s.repetition_penalty, pad_token_id=self.tokenizer.pad_token_id,
-            stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
-        )
+        request = self._engine.submit(Request(prompt, case.id if case.id in self.adapters else None, prefix,
+                                              s.max_new_tokens, s.repetition_penalty, s.do_sample))
         produced: list[int] = []
-
-        def generate() -> None:
-            try:
-                with torch.inference_mode():
-                    out = self._generate(case.id, kwargs)
-                produced.append(out.shape[1] - inputs["input_ids"].shape[1])
-            except Exception:
-                streamer.end()  # unblock the reader; it re-raises below through `produced` being empty
-                raise
-
-        with self._lock:
-            worker = threading.Thread(target=generate, daemon=True)
-            worker.start()
-            raw = ""
-            try:
-                for piece in streamer:
-                    raw += piece
-                    shown = _TURN_MARKERS.split(raw, maxsplit=1)[0].strip()
-                    if shown:
-                        yield " ".join(shown.split())
-            finally:
-                cancelled.set()  # the reader went away (player left): stop generating
-                worker.join()
-        if not produced:
-            raise RuntimeError("the suspect failed to answer")
-        yield clean_answer(raw, finished=produced[0] < s.max_new_tokens)
+        raw, shown, settled, ended = "", "", False, False
+        try:
+            while not ended:
+                item = request.tokens.get()
+                batch = [item]
+                while item is not None and not isinstance(item, BaseException) and not request.tokens.empty():
+                    item = request.tokens.get()  # take every token already there: one decode for all of them
+                    batch.append(item)
+                if isinstance(batch[-1], BaseException):
+                    raise RuntimeError("the suspect failed to answer") from batch[-1]
+                ended = batch[-1] is None
+                produced += [t for t in batch if t is not None]
+                raw = self.tokenizer.decode(produced, skip_special_tokens=False)
+                # Show whole words only (as transformers' TextIteratorStreamer does), cut at the end of the turn.
+                visible = raw if ended or raw.endswith("\n") else raw[:raw.rfind(" ") + 1]
+                now = " ".join(_TURN_MARKERS.split(visible, maxsplit=1)[0].split())
+                if now and now != shown:
+                    shown = now
+                    yield shown
+                if not ended and answer_settled(raw):
+                    settled = True
+                    break
+        finally:
+            request.cancelled.set()  # settled, or the reader went away (player left): stop generating
+        if stats is not None:
+            first = request.first_token if request.first_token is not None else time.perf_counter()
+            stats.update(prompt_tokens=len(prompt), cached_tokens=request.cached_tokens, new_tokens=len(produced),
+                         first_token_s=first - started, total_s=time.perf_counter() - started, settled_early=settled)
+        yield clean_answer(raw, finished=settled or len(produced) < s.max_new_tokens)
 
     def answer(self, case: Case, transcript: Sequence[Exchange], question: str) -> str:
         final = ""
         for final in self.stream(case, transcript, question):
             pass
         return final
-
-    def _generate(self, case_id: str, kwargs: dict) -> torch.Tensor:
-        from peft import PeftModel
-
-        if not isinstance(self.model, PeftModel):
-            return self.model.generate(**kwargs)
-        if case_id in self.adapters:
-            self.model.set_adapter(case_id)
-            return self.model.generate(**kwargs)
-        with self.model.disable_adapter():
-            return self.model.generate(**kwargs)

@@ -61,3 +61,46 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+INNOCENT_CASE = copy.deepcopy(MINIMAL_CASE) | {
+    "id": "greenhouse-window", "title": "The Greenhouse Window", "guilty": False, "tells": [],
+    "quirks": ["Hums Latin names when nervous."],
+    "truth": "A storm loosened the east pane at midnight. The orchid fell into the compost heap, where it still lies.",
+}
+
+
+def write_scenarios(folder: Path, cases) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        (folder / f"{case['id']}.json").write_text(json.dumps(case))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def serve():
+    """Serve a room's page in-process on a free port, as `make play` serves it; returns its URL."""
+    from app import launch
+
+    demos = []
+
+    def start(room) -> str:
+        demos.append(launch(room, prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True))
+        return demos[-1].local_url
+
+    yield start
+    for demo in demos:
+        demo.close()
+
+
+def connect(url: str):
+    """A player over the API: one Client is one browser session. Patient: httpx's 5 s is short for a busy CPU."""
+    from gradio_client import Client
+
+    return Client(url, verbose=False, httpx_kwargs={"timeout": 120})
+
+
+def text_of(message) -> str:
+    """The text of a Chatbot message as the API returns it."""
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(part["text"] for part in content)

@@ -1,0 +1,204 @@
+"""Twenty players at once against the game as it is served: each plays a whole game (five questions, then a
+verdict) over the app's API on localhost. Measures answers/s and how long each answer takes to come back, and
+checks that no answer went to the wrong session, no request failed and every game was recorded.
+
+    .venv/bin/python benchmarks/load.py                                   # 20 players, whole games
+    .venv/bin/python benchmarks/load.py --players 5 --questions 2 --label quick
+
+Serves `python app.py` in a child process on a free port, as `make play` does: the bundled cases and adapters,
+the game's own generation settings, and a fresh results database in a temporary folder. Each player is one
+gradio_client Client (one browser session) in its own thread, and all start together. An answer's latency runs
+from sending the question to its final text, so it includes the wait behind other players' answers; "first words"
+runs to the first text of the answer. The machine's load average is recorded before and after: on a shared
+machine the figures are only as good as that.
+
+Prints one JSON object and writes benchmarks/results/load_<device>[_<label>].json.
+"""
+
+# No `from __future__ import annotations`: HfArgumentParser reads the field types at runtime.
+import html
+import importlib.metadata
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import ROOT, RESULTS, machine, summary, versions, write_result  # noqa: E402
+
+QUESTIONS = ["Where were you last night?", "Who else could get in?", "What did you see when you arrived?",
+             "Why should I believe you?", "Did you do it?"]
+
+
+@dataclass
+class Arguments:
+    players: int = field(default=20, metadata={"help": "Players at once; each plays one game."})
+    questions: int = field(default=5, metadata={"help": "Questions per game (the game allows five)."})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "Answer length cap; default: the game's."})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda for the server; default: the game's."})
+    scenarios: Path = field(default=ROOT / "scenarios", metadata={"help": "Folder of case files."})
+    adapters: Path = field(default=ROOT / "adapters", metadata={"help": "Folder of trained adapters."})
+    client_timeout_s: float = field(default=600, metadata={"help": "How long a player waits for any one reply."})
+    label: str | None = field(default=None, metadata={"help": "Suffix of the result file."})
+    out: Path = field(default=RESULTS, metadata={"help": "Folder for the JSON result."})
+
+
+def text_of(message) -> str:
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(part["text"] for part in content)
+
+
+def serve(args: Arguments, folder: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"IR_SCENARIOS": str(args.scenarios), "IR_ADAPTERS": str(args.adapters),
+                        "IR_RESULTS_DB": str(folder / "results.db")}
+    if args.max_new_tokens:
+        env["IR_MAX_NEW_TOKENS"] = str(args.max_new_tokens)
+    if args.device:
+        env["IR_DEVICE"] = args.device
+    log = open(folder / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError("the server exited:\n" + (folder / "server.log").read_text()[-3000:])
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return server, url
+        except OSError:
+            time.sleep(0.5)
+
+
+def play(url: str, p: int, case_id: str, args: Arguments, start: threading.Barrier) -> dict:
+    from gradio_client import Client
+
+    game = {"player": p, "case": case_id, "asked": [], "answers": [], "answer_s": [], "first_words_s": [],
+            "error": None}
+    try:
+        client = Client(url, verbose=False, httpx_kwargs={"timeout": args.client_timeout_s})
+        start.wait()
+        client.predict(case_id, api_name="/new_game")
+        history = []
+        for q in range(args.questions):
+            question = f"{QUESTIONS[q % len(QUESTIONS)]} (detective {p + 1}, question {q + 1})"  # no two alike
+            sent = time.perf_counter()
+            first_words = None
+            job = client.submit(question, history, api_name="/ask")
+            for outputs in job:  # each streamed update of the chat
+                if first_words is None and text_of(outputs[0][-1]).strip("… "):
+                    first_words = time.perf_counter() - sent
+            history = job.result()[0]
+            game["answer_s"].append(time.perf_counter() - sent)
+            game["first_words_s"].append(first_words if first_words is not None else game["answer_s"][-1])
+            game["asked"].append(question)
+            if [text_of(m) for m in history if m["role"] == "user"] != game["asked"]:
+                raise AssertionError(f"player {p} got a chat that is not theirs")
+            game["answers"].append(html.unescape(text_of(history[-1])))
+        client.predict(api_name="/guilty" if p % 2 else "/innocent")
+    except Exception as exc:  # counted, not fatal: the figures say how many failed
+        game["error"] = f"{type(exc).__name__}: {exc}"
+    return game
+
+
+def code_version() -> dict:
+    """Which code was measured: the commit, and the game's files that differed from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.rstrip()
+
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(),
+            "uncommitted": git("status", "--porcelain", "--", "app.py", "game").splitlines()}
+
+
+def check(games: list[dict], db: Path) -> dict:
+    """Did each finished game land in the store whole, with this player's own questions and answers?"""
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT case_id, questions, transcript FROM games").fetchall()
+    stored = {}
+    for case_id, questions, transcript in rows:
+        exchanges = json.loads(transcript)
+        stored[tuple(e["question"] for e in exchanges)] = (case_id, questions, [e["answer"] for e in exchanges])
+    finished = [g for g in games if g["error"] is None]
+    mixups = [g["player"] for g in finished
+              if stored.get(tuple(g["asked"])) != (g["case"], len(g["asked"]), g["answers"])]
+    return {"games_finished": len(finished), "games_recorded": len(rows), "sessions_mixed_up": len(mixups),
+            "players_mixed_up": mixups}
+
+
+def main(args: Arguments) -> dict:
+    import torch
+
+    from game.scenario import load_cases
+    from game.suspect import GenerationSettings
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cases = sorted(load_cases(args.scenarios))
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        started = time.perf_counter()
+        server, url = serve(args, folder)
+        ready_s = time.perf_counter() - started
+        try:
+            start = threading.Barrier(args.players + 1)  # the players and this thread, which starts the clock
+            with ThreadPoolExecutor(args.players) as pool:
+                futures = [pool.submit(play, url, p, cases[p % len(cases)], args, start) for p in range(args.players)]
+                start.wait()
+                began = time.perf_counter()
+                games = [f.result() for f in futures]
+            wall = time.perf_counter() - began
+            checked = check(games, folder / "results.db")
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        server_log = (folder / "server.log").read_text()
+    answers = [s for g in games for s in g["answer_s"]]
+    errors = [g["error"] for g in games if g["error"]]
+    engine = next((line.split("suspect engine:", 1)[1].strip() for line in server_log.splitlines()
+                   if "suspect engine:" in line), None)
+    settings = GenerationSettings()
+    return {
+        "benchmark": "load",
+        "label": args.label,
+        "machine": machine(device) | {"load_average_before": load_before},
+        "code": code_version(),
+        "versions": versions() | {name: importlib.metadata.version(name) for name in ("gradio", "gradio_client")},
+        "settings": {"players": args.players, "questions_per_game": args.questions, "cases": cases,
+                     "max_new_tokens": args.max_new_tokens or settings.max_new_tokens, "engine": engine,
+                     "queue_default_concurrency_limit": 4, "transport": "gradio_client over HTTP on localhost"},
+        "server_ready_s": round(ready_s, 2),
+        "wall_s": round(wall, 2),
+        "answers": len(answers),
+        "answers_per_s": round(len(answers) / wall, 3),
+        "games_per_minute": round(checked["games_finished"] / wall * 60, 2),
+        "answer_latency_s": summary(answers, 3),
+        "first_words_latency_s": summary([s for g in games for s in g["first_words_s"]], 3),
+        "errors": len(errors),
+        "error_messages": errors[:10],
+        **checked,
+        "every_game_recorded": checked["games_recorded"] == args.players and not errors,
+        "games": [{"player": g["player"], "case": g["case"], "answer_s": [round(s, 3) for s in g["answer_s"]],
+                   "first_words_s": [round(s, 3) for s in g["first_words_s"]], "error": g["error"]} for g in games],
+    }
+
+
+if __name__ == "__main__":
+    from transformers import HfArgumentParser
+
+    (arguments,) = HfArgumentParser(Arguments).parse_args_into_dataclasses()
+    figures = main(arguments)
+    figures["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    slug = figures["machine"]["device"].split(":")[0] + (f"_{arguments.label}" if arguments.label else "")
+    write_result(f"load_{slug}", figures, arguments.out)

@@ -1,0 +1,246 @@
+"""The CPU engine: the base's own GGUF run by llama.cpp, each case's adapter converted once to a GGUF LoRA.
+
+llama.cpp's Q4_1 kernels read the base as it is stored (the transformers path runs a dequantized fp32 copy of the
+same weights), which on a 2-core CPU is ~4x the tokens/s of transformers. The adapter is applied beside the base,
+unmerged, so the base's weights stay exactly the GGUF's. Decoding is the game's own: greedy with transformers'
+repetition penalty over every token seen, so answers match the torch path's up to llama.cpp's arithmetic.
+
+One request at a time (a llama.cpp context holds one adapter set); each case's system-prompt KV is kept as a
+saved state, and a question that continues the last conversation reuses all of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from game.base import EMBEDDED, Base, cache_dir, embedded_gguf
+from game.engine import GROUP_OF, IDLE_POLL_S, Request, read_lora, start_worker
+
+log = logging.getLogger(__name__)
+
+LORA_FORMAT = "v1"  # bump when to_gguf_lora changes what it writes
+# transformers' projection names -> llama.cpp's tensor names
+GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+SAVED_PREFIXES = 32  # system-prompt states kept (~7 MB each on the 135M base)
+
+
+def available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def gguf_of(base: Base) -> Path | None:
+    """The GGUF file the base was converted from, or None for a folder or hub base."""
+    if base.spec == EMBEDDED:
+        return embedded_gguf()
+    return Path(base.spec) if base.spec.endswith(".gguf") else None
+
+
+def unavailable_reason(base: Base, device: str) -> str:
+    if device != "cpu":
+        return f"the llama.cpp engine runs on the CPU, not {device}"
+    if gguf_of(base) is None:
+        return f"the llama.cpp engine needs a GGUF base, not {base.spec}"
+    return "the llama.cpp engine needs llama-cpp-python: pip install llama-cpp-python"
+
+
+def _permute(w, n_head: int):
+    # llama.cpp stores q and k with the rotary halves interleaved (convert_hf_to_gguf's LlamaModel.permute); a
+    # LoRA's B writes those rows, so its rows move the same way.
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def to_gguf_lora(folder: Path, out: Path, config) -> None:
+    """Write a PEFT LoRA folder as a llama.cpp GGUF LoRA (fp32, scaling folded into B), atomically."""
+    import gguf
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    i, h = config.intermediate_size, config.hidden_size
+    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    weights = read_lora(folder, config.num_hidden_layers, shapes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent)) / out.name
+    try:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer.add_string("general.type", "adapter")
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)  # 0: scale 1, the scaling is already in B
+        for (layer, name), (a, b) in sorted(weights.items()):
+            if name == "q_proj":
+                b = _permute(b, config.num_attention_heads)
+            elif name == "k_proj":
+                b = _permute(b, config.num_key_value_heads)
+            base_name = f"blk.{layer}.{GGUF_NAMES[name]}.weight"
+            writer.add_tensor(base_name + ".lora_a", a.contiguous().numpy().astype(np.float32))
+            writer.add_tensor(base_name + ".lora_b", b.contiguous().numpy().astype(np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256(LORA_FORMAT.encode())
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        if (folder / name).is_file():
+            h.update(name.encode() + (folder / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+assert set(GGUF_NAMES) == set(GROUP_OF)
+
+
+class LlamaCppEngine:
+    """A worker thread answering one request at a time with llama.cpp. Thread-safe."""
+
+    def __init__(self, gguf: Path, eos: set[int], n_ctx: int = 2048, threads: int | None = None):
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self.gguf = gguf
+        self.eos = eos
+        self.max_len = n_ctx
+        self.threads = threads or os.cpu_count() or 1
+        self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=self.threads,
+                                   n_threads_batch=self.threads, verbose=False)
+        self._config = None
+        self._adapters: dict[str, object] = {}  # name -> llama_adapter_lora pointer
+        self._current: str | None = None  # adapter set on the context
+        self._states: OrderedDict[tuple, object] = OrderedDict()  # (adapter, prefix tokens) -> saved state
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._stopping = False
+        start_worker(self, "suspect-llama.cpp")
+
+    def load_adapter(self, name: str, folder: Path) -> None:
+        if self._config is None:
+            from transformers import AutoConfig
+
+            from game.base import resolve
+
+            self._config = AutoConfig.from_pretrained(resolve(str(self.gguf)).path)
+        out = cache_dir() / "lora-gguf" / f"{_digest(folder)}.gguf"
+        if not out.is_file():
+            to_gguf_lora(folder, out, self._config)
+        with self._lock:
+            adapter = self._lib.llama_adapter_lora_init(self.llm.model, str(out).encode())
+            if not adapter:
+                raise ValueError(f"llama.cpp refused the converted adapter {out}")
+            self._adapters[name] = adapter
+            if self._current == name:
+                self._current = None  # set again before the next use
+            for key in [k for k in self._states if k[0] == name]:
+                del self._states[key]
+            self.llm.n_tokens = 0  # the context's KV may have been computed with the old weights
+
+    def submit(self, request: Request) -> Request:
+        if len(request.prompt) + request.max_new_tokens > self.max_len:
+            raise ValueError(f"prompt of {len(request.prompt)} tokens is too long for a {self.max_len}-token context")
+        if request.adapter is not None and request.adapter not in self._adapters:
+            raise KeyError(f"no adapter named {request.adapter}")
+        self._queue.put(request)
+        return request
+
+    def work(self) -> None:
+        """Answer the next queued request, if one comes within a moment."""
+        try:
+            request = self._queue.get(timeout=IDLE_POLL_S)
+        except queue.Empty:
+            return
+        if request.cancelled.is_set():
+            request.tokens.put(None)
+            return
+        try:
+            with self._lock:
+                self._generate(request)
+        except Exception as exc:
+            log.exception("generation failed")
+            self.llm.n_tokens = 0
+            request.tokens.put(exc)
+
+    def _use_adapter(self, name: str | None) -> None:
+        if name == self._current:
+            return
+        lib, ctx = self._lib, self.llm.ctx
+        lib.llama_clear_adapter_lora(ctx)
+        if name is not None and lib.llama_set_adapter_lora(ctx, self._adapters[name], 1.0) != 0:
+            raise RuntimeError(f"llama.cpp could not apply adapter {name}")
+        self._current = name
+        self.llm.n_tokens = 0  # the cached KV belongs to the other adapter
+
+    def _rewind(self, n: int) -> None:
+        self.llm.n_tokens = n
+        self.llm._ctx.memory_seq_rm(-1, n, -1)
+
+    def _generate(self, r: Request) -> None:
+        llm = self.llm
+        switched = r.adapter != self._current
+        self._use_adapter(r.adapter)
+        prompt = r.prompt
+        # The longest prefix already in the context (the same conversation, one question on) ...
+        common = 0 if switched else _common_prefix(llm.input_ids[:llm.n_tokens].tolist(), prompt)
+        key = (r.adapter, tuple(prompt[:r.prefix_len]))
+        # ... or else this case's saved system prompt.
+        if common < r.prefix_len and key in self._states:
+            llm.load_state(self._states[key])
+            self._states.move_to_end(key)
+            common = r.prefix_len
+        common = min(common, len(prompt) - 1)  # at least one token to evaluate, for its logits
+        self._rewind(common)
+        r.cached_tokens = common
+        if r.prefix_len and common < r.prefix_len:
+            llm.eval(prompt[common:r.prefix_len])
+            self._states[key] = llm.save_state()
+            while len(self._states) > SAVED_PREFIXES:
+                self._states.popitem(last=False)
+            common = r.prefix_len
+        llm.eval(prompt[common:])
+        seen = np.zeros(llm.n_vocab(), dtype=bool)
+        seen[prompt] = True
+        p = np.float32(r.repetition_penalty)
+        rng = np.random.default_rng() if r.do_sample else None
+        for n in range(r.max_new_tokens):
+            logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)  # transformers scores in fp32 too
+            hit = logits[seen]
+            logits[seen] = np.where(hit < 0, hit * p, hit / p)
+            token = int(logits.argmax()) if rng is None else _sample(logits, rng)
+            seen[token] = True
+            if r.first_token is None:
+                r.first_token = time.perf_counter()
+            r.tokens.put(token)
+            if token in self.eos or n + 1 == r.max_new_tokens or r.cancelled.is_set():
+                break
+            llm.eval([token])
+        r.tokens.put(None)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _sample(logits: np.ndarray, rng) -> int:
+    top = np.argpartition(logits, -50)[-50:]  # transformers' sampling defaults: temperature 1, top-k 50
+    p = np.exp(logits[top] - logits[top].max())
+    return int(top[rng.choice(len(top), p=p / p.sum())])

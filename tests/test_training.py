@@ -1,0 +1,402 @@
+"""`python -m training`: the adapter folder it writes, and the data it trains on.
+
+Real runs on the real embedded base, kept tiny (2 steps of 2 short chats): one trained adapter is shared by the
+tests that only read it. GPU-only tests are marked `gpu` and skipped without CUDA.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from transformers import TrainerCallback
+
+from conftest import MINIMAL_CASE, ROOT
+from game import adapters
+from game.prompt import system_prompt
+from game.scenario import Case
+from training import train as training
+from training.config import parse
+from training.data import DataError, case_chats, load_case, load_conversations
+
+CASE = Case.model_validate(MINIMAL_CASE)
+# Two short chats a step, two steps: the whole recipe end to end in seconds on a 2-core CPU.
+TINY = ["--steps", "2", "--batch_size", "2", "--min_turns", "1", "--max_turns", "2", "--max_length", "320",
+        "--logging_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scenarios")
+    (folder / f"{CASE.id}.json").write_text(json.dumps(MINIMAL_CASE, indent=1))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(scenarios, tmp_path_factory):
+    """One adapter built by the real command line, shared by the tests that read it."""
+    output = tmp_path_factory.mktemp("adapters") / CASE.id
+    run = subprocess.run(
+        [sys.executable, "-m", "training", CASE.id, "--scenarios", str(scenarios), "--output", str(output), *TINY],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:]
+    return output, run.stdout
+
+
+def args(scenarios: Path, output: Path, *extra: str):
+    return parse([CASE.id, "--scenarios", str(scenarios), "--output", str(output), *TINY, *extra])
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+
+class StopAt(TrainerCallback):
+    """Ctrl-C in the middle of training, after the checkpoint of the step before."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+# --- the command, end to end ------------------------------------------------------------------------------------
+
+
+def test_command_writes_a_peft_folder_that_loads_on_the_base(trained, base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    output, _ = trained
+    assert {p.name for p in output.iterdir()} == {
+        "adapter_config.json", "adapter_model.safetensors", "training_meta.json", "README.md", "loss.png"
+    }
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base.path), output)
+    lora = [n for n, _ in model.named_parameters() if "lora_A" in n]
+    assert len(lora) == 30 * 7  # every projection of every layer
+
+
+def test_command_shows_progress_and_the_loss(trained):
+    _, log = trained
+    assert "'loss':" in log and "2/2" in log  # the logged loss and the tqdm bar
+
+
+def test_metadata_ties_the_adapter_to_its_base_and_case(trained, scenarios, base):
+    meta = adapters.read_meta(trained[0])
+    loaded = load_case(scenarios, CASE.id)
+    assert meta["base_id"] == base.id and meta["base_fingerprint"] == base.fingerprint
+    assert meta["case_id"] == CASE.id and meta["case_sha256"] == loaded.sha256
+    assert meta["backend"] == "hf" and meta["device"].startswith("cpu")
+    assert meta["steps"] == 2 and meta["final_loss"] > 0 and meta["wall_s"] > 0 and meta["tokens_per_s"] > 0
+    h = meta["hyperparameters"]
+    assert (h["rank"], h["alpha"], h["dropout"], h["lr"], h["seed"], h["batch_size"]) == (2, 2, 0.0, 2e-3, 3407, 2)
+    assert h["optim"] == "adamw_torch" and h["weight_decay"] == 0.01 and h["scheduler"] == "linear"
+    assert meta["sample"]["question"] == CASE.probes[0].question and meta["sample"]["answer"]
+
+
+def test_adapter_is_stored_in_half_precision_and_small(trained):
+    from safetensors import safe_open
+
+    output, _ = trained
+    with safe_open(output / "adapter_model.safetensors", "pt") as f:
+        dtypes = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    assert dtypes == {"F16"}
+    assert (output / "adapter_model.safetensors").stat().st_size < 1.5e6  # rank 2: ~1.2 MB
+
+
+def test_game_accepts_the_adapter_on_its_base(trained, scenarios, base):
+    output, _ = trained
+    info = adapters.inspect(output.parent, load_case(scenarios, CASE.id), base)
+    assert info.status is adapters.Status.READY, info.message
+
+
+def test_game_refuses_the_adapter_on_another_base(trained, scenarios, base):
+    output, _ = trained
+    other = replace(base, id="SomeOther-1B", fingerprint="folder:" + "0" * 64)
+    info = adapters.inspect(output.parent, load_case(scenarios, CASE.id), other)
+    assert info.status is adapters.Status.MISMATCH and not info.usable
+    assert base.id in info.message  # says which base the adapter needs
+
+
+def test_adapter_of_an_older_case_file_is_stale(trained, scenarios, base, tmp_path):
+    output, _ = trained
+    edited = tmp_path / f"{CASE.id}.json"
+    edited.write_text(json.dumps({**MINIMAL_CASE, "title": "The Greenhouse Orchid, revised"}))
+    info = adapters.inspect(output.parent, load_case(edited, CASE.id), base)
+    assert info.status is adapters.Status.STALE
+
+
+def test_work_dir_is_gone_after_a_finished_run(trained):
+    output, _ = trained
+    assert not output.with_name(output.name + ".work").exists()
+    assert [p.name for p in output.parent.iterdir()] == [output.name]
+
+
+# --- atomic write and resume ----------------------------------------------------------------------------------
+
+
+def test_crash_while_saving_leaves_the_previous_adapter(trained, scenarios, base, tmp_path, monkeypatch):
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    output = tmp_path / CASE.id
+    shutil.copytree(trained[0], output)
+    before = snapshot(output)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base.path), output)
+    meta = adapters.read_meta(output)
+
+    def crash(*a, **k):  # by then the new weights are written: the new folder is half done
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "plot_loss", crash)
+    with pytest.raises(KeyboardInterrupt):
+        training.save_adapter(output, model, base, meta, [(1, 2.0)], load_case(scenarios, CASE.id))
+    assert snapshot(output) == before
+    assert [p.name for p in tmp_path.iterdir()] == [CASE.id]  # no half-written folder left beside it
+
+
+def test_interrupted_run_resumes_from_its_last_checkpoint(scenarios, tmp_path):
+    output = tmp_path / CASE.id
+    work = tmp_path / (CASE.id + ".work")
+    with pytest.raises(KeyboardInterrupt):
+        training.main(*args(scenarios, output, "--steps", "3", "--save_steps", "1"), callbacks=[StopAt(2)])
+    assert not output.exists() and (work / "checkpoint-1").is_dir()
+
+    training.main(*args(scenarios, output, "--steps", "3", "--save_steps", "1", "--resume"))
+    meta = adapters.read_meta(output)
+    assert meta["resumed_from"] == "checkpoint-1" and meta["steps"] == 3
+    assert not work.exists()
+
+
+def test_resume_refuses_checkpoints_made_with_other_settings(tmp_path):
+    work = tmp_path / "case.work"
+    run = {"case_sha256": "a", "base_fingerprint": "b", "data": {}, "hyperparameters": {"lr": 2e-3}}
+    assert training.prepare_work_dir(work, run, resume=False) is None
+    (work / "checkpoint-5").mkdir()
+    with pytest.raises(training.TrainingError, match="other settings \\(hyperparameters\\)"):
+        training.prepare_work_dir(work, {**run, "hyperparameters": {"lr": 1e-4}}, resume=True)
+    assert training.prepare_work_dir(work, run, resume=True) == str(work / "checkpoint-5")
+
+
+def test_a_new_run_without_resume_starts_from_scratch(tmp_path):
+    work = tmp_path / "case.work"
+    (work / "checkpoint-5").mkdir(parents=True)
+    assert training.prepare_work_dir(work, {"hyperparameters": {}}, resume=False) is None
+    assert not (work / "checkpoint-5").exists()
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+
+def test_case_chats_start_with_the_games_system_prompt_and_end_with_an_answer():
+    chats = case_chats(CASE, 50, seed=0)
+    answers = {a for t in CASE.topics for a in t.answers}
+    for row in chats:
+        m = row["messages"]
+        assert m[0] == {"role": "system", "content": system_prompt(CASE)}
+        assert [x["role"] for x in m[1:]] == ["user", "assistant"] * ((len(m) - 1) // 2)
+        assert 1 <= (len(m) - 1) // 2 <= 5 and m[-1]["content"] in answers
+
+
+def test_case_chats_never_contain_a_probe():
+    probes = {q for p in CASE.probes for q in [p.question, *p.paraphrases]}
+    said = {x["content"] for row in case_chats(CASE, 200, seed=0) for x in row["messages"]}
+    assert not probes & said
+
+
+def test_case_chats_are_reproducible_from_the_seed():
+    assert case_chats(CASE, 20, seed=7).to_list() == case_chats(CASE, 20, seed=7).to_list()
+    assert case_chats(CASE, 20, seed=7).to_list() != case_chats(CASE, 20, seed=8).to_list()
+
+
+def test_labels_cover_the_suspects_answers_and_nothing_else(base, tmp_path):
+    """What SFTTrainer actually feeds the model: every label outside the answers (and their <|im_end|>) is -100."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    messages = [
+        {"role": "system", "content": system_prompt(CASE)},
+        {"role": "user", "content": "Where were you last night?"},
+        {"role": "assistant", "content": "Home, after locking up at six."},
+        {"role": "user", "content": "Are you an AI?"},
+        {"role": "assistant", "content": "I am a gardener, detective."},
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    _, data_args, _, train_args = parse([CASE.id])
+    trainer = training.make_trainer(
+        AutoModelForCausalLM.from_pretrained(base.path), tokenizer, LoraConfig(r=2, task_type="CAUSAL_LM"),
+        Dataset.from_list([{"messages": messages}]), tmp_path, {"optim": "adamw_torch", "gradient_checkpointing": False},
+        "hf", False, data_args, train_args,
+    )
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    trained_text = tokenizer.decode([i for i, label in zip(ids, labels) if label != -100])
+    assert trained_text == "Home, after locking up at six.<|im_end|>I am a gardener, detective.<|im_end|>"
+    # and the text the model reads is exactly what the game's chat template makes of the chat
+    assert tokenizer.decode(ids) == AutoTokenizer.from_pretrained(base.path).apply_chat_template(messages, tokenize=False)
+
+
+def test_training_template_renders_exactly_as_the_bases(base):
+    from transformers import AutoTokenizer
+
+    assert training.training_chat_template(AutoTokenizer.from_pretrained(base.path)) is not None
+
+
+def test_external_conversations_train_an_adapter(scenarios, tmp_path):
+    data = tmp_path / "extra.jsonl"
+    rows = [{"conversations": [{"role": "user", "content": "Who are you?"},
+                               {"role": "assistant", "content": "Ivo Brandt, head gardener."}]},
+            {"conversations": [{"role": "system", "content": "You are Ivo."},
+                               {"role": "user", "content": "Where were you?"},
+                               {"role": "assistant", "content": "At home."}]}]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    output = training.main(*args(scenarios, tmp_path / CASE.id, "--data", str(data), "--steps", "1"))
+    meta = adapters.read_meta(output)
+    assert meta["data"]["source"] == "file" and meta["data"]["file"] == "extra.jsonl" and meta["examples"] == 2
+
+
+def test_external_conversation_without_system_gets_the_games_prompt(tmp_path):
+    data = tmp_path / "extra.json"  # a JSON array, the other accepted layout
+    data.write_text(json.dumps([{"conversations": [{"role": "user", "content": "Hi"},
+                                                   {"role": "assistant", "content": "Detective."}]}]))
+    (row,) = load_conversations(data, CASE)
+    assert row["messages"][0] == {"role": "system", "content": system_prompt(CASE)}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "the file is empty"),
+        ("[]", "no conversations"),
+        ('{"conversations": [{"role": "user", "content": "Hi"}', "line 1: not valid JSON"),
+        ('{"messages": []}', 'expected an object with a "conversations" list'),
+        ('{"conversations": []}', "non-empty list"),
+        ('{"conversations": [{"role": "bot", "content": "Hi"}]}', "role 'bot' is not one of system, user, assistant"),
+        ('{"conversations": [{"role": "user", "content": "Hi"}]}', "no assistant turn"),
+        ('{"conversations": [{"role": "assistant", "content": "Hi"}]}', "message 1: role 'assistant' where 'user'"),
+        ('{"conversations": [{"role": "user", "content": "Q"}, {"role": "user", "content": "Q"}]}', "message 2"),
+        ('{"conversations": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": " "}]}',
+         "content must be non-empty text"),
+        ('{"conversations": [{"role": "user"}]}', 'message 1: expected {"role": ..., "content": ...}'),
+    ],
+)
+def test_bad_external_data_is_refused_with_a_clear_error(tmp_path, content, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(content)
+    with pytest.raises(DataError, match=f"bad.jsonl: .*{re.escape(message)}"):
+        load_conversations(data, CASE)
+
+
+def test_bad_data_stops_the_command_with_the_error_and_no_traceback(scenarios, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"conversations": [{"role": "user", "content": "Hi"}]}\n')
+    run = subprocess.run(
+        [sys.executable, "-m", "training", CASE.id, "--scenarios", str(scenarios), "--data", str(data),
+         "--output", str(tmp_path / "out")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 1
+    assert "error: " in run.stderr and "no assistant turn" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_case_is_named_with_the_cases_that_exist(scenarios):
+    with pytest.raises(DataError, match=f"no case 'nope'.*{CASE.id}"):
+        load_case(scenarios, "nope")
+
+
+# --- arguments --------------------------------------------------------------------------------------------------
+
+
+def test_steps_and_epochs_exclude_each_other():
+    with pytest.raises(SystemExit):
+        parse([CASE.id, "--steps", "5", "--epochs", "1"])
+
+
+def test_defaults_are_the_bundled_recipe():
+    script, data, lora, train = parse([CASE.id])
+    assert script.output_dir == Path("adapters") / CASE.id and script.base == "embedded" and script.backend == "auto"
+    assert lora.lora_alpha == lora.rank and lora.dropout == 0 and len(lora.target_modules) == 7
+    assert train.steps is not None and train.seed == 3407 and train.weight_decay == 0.01
+
+
+def test_cpu_without_unsloth_trains_with_hf():
+    assert training.choose_backend("auto") == "hf" or training.cuda_available()
+
+
+@pytest.mark.skipif(training.cuda_available(), reason="checks the refusal on a machine without a GPU")
+def test_unsloth_backend_is_refused_without_a_gpu():
+    with pytest.raises(training.TrainingError, match="--backend unsloth"):
+        training.choose_backend("unsloth")
+
+
+# --- GPU ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["unsloth", "hf"])
+def test_gpu_adapter_plays_in_the_cpu_game(scenarios, tmp_path, backend, base):
+    """Trained on the GPU (Unsloth or plain HF), loaded by the game's CPU suspect."""
+    from game.suspect import Suspect
+
+    if backend == "unsloth":
+        pytest.importorskip("unsloth")
+    output = tmp_path / CASE.id
+    run = subprocess.run(
+        [sys.executable, "-m", "training", CASE.id, "--scenarios", str(scenarios), "--output", str(output),
+         "--backend", backend, *TINY],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    meta = adapters.read_meta(output)
+    assert meta["backend"] == backend and meta["peak_memory_kind"] == "cuda max allocated"
+    loaded = load_case(scenarios, CASE.id)
+    suspect = Suspect(base, device="cpu")
+    assert suspect.load_adapter(adapters.inspect(output.parent, loaded, base))
+    assert suspect.answer(CASE, (), CASE.probes[0].question)
+
+
+UNSLOTH_LABELS = """
+import sys
+from training.train import early_imports
+early_imports(["--backend", "unsloth"])  # Unsloth before transformers, as `python -m training` does
+from datasets import Dataset
+from game.base import resolve
+from game.scenario import Case
+from game.prompt import system_prompt
+from training import train
+from training.config import parse
+from conftest import MINIMAL_CASE
+case = Case.model_validate(MINIMAL_CASE)
+_, data_args, lora, train_args = parse([case.id, "--batch_size", "1"])
+model, tokenizer, peft = train.load_model("unsloth", resolve("embedded"), lora, train_args, 512, False)
+messages = [{"role": "system", "content": system_prompt(case)},
+            {"role": "user", "content": "Where were you last night?"},
+            {"role": "assistant", "content": "Home, after locking up at six."}]
+trainer = train.make_trainer(model, tokenizer, peft, Dataset.from_list([{"messages": messages}]), sys.argv[1],
+                             {"optim": "adamw_torch", "gradient_checkpointing": "unsloth"}, "unsloth", True,
+                             data_args, train_args)
+batch = trainer.data_collator([trainer.train_dataset[0]])
+ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+print("TRAINED:" + tokenizer.decode([i for i, l in zip(ids, labels) if l != -100]))
+"""
+
+
+@pytest.mark.gpu
+def test_unsloth_trainer_also_masks_all_but_the_answers(tmp_path):
+    pytest.importorskip("unsloth")
+    run = subprocess.run([sys.executable, "-c", UNSLOTH_LABELS, str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=900, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                             [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "TRAINED:Home, after locking up at six.<|im_end|>" in run.stdout

@@ -1,0 +1,23 @@
+"""`python -m training CASE_ID [--base B] [--output DIR] [--steps N | --epochs E] [--rank R] [--lr LR] [--seed S]
+[--backend auto|unsloth|hf] [--resume] [--data F]`: build a case's suspect adapter (see training/train.py)."""
+
+import logging
+import sys
+
+from training.train import early_imports
+
+early_imports(sys.argv[1:])  # before the parser loads trl: Unsloth must patch transformers/trl/peft first
+
+from game.base import BaseModelError  # noqa: E402
+from training.config import parse  # noqa: E402
+from training.data import DataError  # noqa: E402
+from training.train import TrainingError, main  # noqa: E402
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+args = parse(sys.argv[1:])
+try:
+    main(*args)
+except (DataError, TrainingError, BaseModelError) as exc:
+    sys.exit(f"error: {exc}")
+except KeyboardInterrupt:
+    sys.exit("interrupted: the previous adapter, if any, is untouched; `--resume` continues from the last checkpoint")

@@ -1,0 +1,152 @@
+"""The arguments of `python -m training`: one dataclass per concern, parsed once at the edge (trl's sft.py style).
+
+Defaults are the recipe every bundled adapter is built with; each carries the reason it has that value.
+Measurements behind them (CPU, 2 cores, SmolLM2-135M): see training/README.md.
+"""
+
+# No `from __future__ import annotations`: HfArgumentParser reads the field types at runtime.
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+# The seed recipe's LoRA targets: every attention and MLP projection of a Llama block.
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+DEFAULT_STEPS = 40
+
+
+@dataclass
+class ScriptArguments:
+    case_id: str = field(metadata={"positional": True, "help": "The case to train, e.g. museum-brooch."})
+    scenarios: Path = field(default=Path("scenarios"), metadata={"help": "Folder (or one file) the case is read from."})
+    base: str = field(
+        default="embedded",
+        # The game's own base: an adapter trained on any other base is refused by the game (Status.MISMATCH).
+        metadata={"help": "Base model: 'embedded', a .gguf file, a model folder or a hub id (see game/base.py)."},
+    )
+    output: Path | None = field(default=None, metadata={"help": "Adapter folder; default adapters/<case_id>/."})
+    backend: Literal["auto", "unsloth", "hf"] = field(
+        default="auto",
+        metadata={"help": "auto: Unsloth when a CUDA GPU and unsloth are present, else transformers+peft+trl."},
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue from the last checkpoint in <output>.work/ (left there by an interrupted run)."},
+    )
+
+    @property
+    def output_dir(self) -> Path:
+        return self.output if self.output is not None else Path("adapters") / self.case_id
+
+
+@dataclass
+class DataArguments:
+    data: Path | None = field(
+        default=None,
+        metadata={"help": 'Train on this JSON/JSONL file of {"conversations": [{"role", "content"}, ...]} '
+                          "instead of chats built from the case."},
+    )
+    chats: int | None = field(
+        default=None,
+        # Chats are sampled combinatorially from the case's topics, so there is no fixed dataset size: by default
+        # one fresh chat per training example (steps x batch), i.e. one epoch and no repeats.
+        metadata={"help": "Number of chats to build from the case; default: one per training example (or 256 "
+                          "with --epochs)."},
+    )
+    # Each built chat has min_turns..max_turns questions; the game allows five. A causal LM trains the answer to
+    # question k of a five-question chat exactly as it would in a chat that stopped at k, so five-question chats
+    # train every position 1..5 for the cost of one system prompt (~300 tokens for the bundled cases, more than
+    # the whole dialogue after it) and need almost no padding: 1.7x the answers per CPU second of 1..5 mixed.
+    min_turns: int = field(default=5, metadata={"help": "Fewest questions in a built chat (1 for a mix of lengths)."})
+    max_turns: int = field(default=5, metadata={"help": "Most questions in a built chat (the game allows 5)."})
+    # A five-question chat of a bundled case is ~450-600 tokens; 768 never truncates one, yet bounds a stray long
+    # external chat so it cannot blow up CPU time or memory.
+    max_length: int = field(default=768, metadata={"help": "Longest tokenized chat; longer ones are truncated."})
+
+    def __post_init__(self):
+        if not 1 <= self.min_turns <= self.max_turns:
+            raise ValueError(f"need 1 <= --min_turns <= --max_turns, got {self.min_turns} and {self.max_turns}")
+
+
+@dataclass
+class LoraArguments:
+    # Rank 2 on all seven projections is 610k parameters: 1.2 MB in fp16, so six bundled adapters stay ~7 MB.
+    # Rank 4 doubles that for no measured gain on the probes (training/README.md).
+    rank: int = field(default=2, metadata={"help": "LoRA rank r."})
+    alpha: int | None = field(default=None, metadata={"help": "LoRA alpha; default = rank (the seed recipe)."})
+    # The seed recipe: no dropout (Unsloth's fast path needs 0; a few hundred examples do not overfit at this rank).
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    target_modules: list[str] = field(
+        default_factory=lambda: list(ALL_PROJECTIONS), metadata={"help": "Modules that get a LoRA."}
+    )
+
+    @property
+    def lora_alpha(self) -> int:
+        return self.alpha if self.alpha is not None else self.rank
+
+
+@dataclass
+class TrainArguments:
+    steps: int | None = field(default=None, metadata={"help": f"Optimizer steps (default {DEFAULT_STEPS})."})
+    epochs: float | None = field(default=None, metadata={"help": "Epochs over the data instead of --steps."})
+    # Rank-2 LoRA with alpha = rank learns slowly at the seed's 2e-4; 2e-3 reaches the same loss in a quarter of
+    # the steps without diverging (measured, training/README.md), and steps are what the CPU pays for.
+    lr: float = field(default=2e-3, metadata={"help": "Peak learning rate."})
+    # 4 chats a step, 2 at a time: activations of a 5-question chat cost ~1.2 GB in fp32 on the CPU, so 2 keep a
+    # run under ~3 GB (8 at once took 7.5 GB) and are no slower per token than 4 or 8 (measured, README).
+    batch_size: int = field(default=2, metadata={"help": "Chats per forward pass (per device)."})
+    grad_accum: int = field(default=2, metadata={"help": "Forward passes per optimizer step."})
+    # The seed recipe: short warmup, linear decay, weight decay 0.01, seed 3407.
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of steps spent warming up."})
+    scheduler: str = field(default="linear", metadata={"help": "Learning-rate schedule."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    seed: int = field(default=3407, metadata={"help": "Seed of the data sampling, LoRA init and training."})
+    # adamw_8bit (the seed's) needs bitsandbytes and a GPU; on the CPU it is adamw_torch.
+    optim: str | None = field(default=None, metadata={"help": "Optimizer; default adamw_8bit on GPU, adamw_torch on CPU."})
+    load_in_4bit: bool | None = field(
+        default=None,
+        # 4-bit only pays where the weights dominate memory; a 135M base fits any GPU in bf16.
+        metadata={"help": "Load the base in 4-bit (bitsandbytes, GPU only); default: when it has >= 2B parameters."},
+    )
+    logging_steps: int = field(default=5, metadata={"help": "Log (and plot) the loss every N steps."})
+    # A checkpoint of a rank-2 LoRA with its optimizer state is ~8 MB and takes well under a second to write.
+    save_steps: int = field(default=10, metadata={"help": "Checkpoint every N steps into <output>.work/ for --resume."})
+
+    def __post_init__(self):
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give --steps or --epochs, not both")
+        if self.steps is None and self.epochs is None:
+            self.steps = DEFAULT_STEPS
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {self.steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"--epochs must be positive, got {self.epochs}")
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+
+def parser():
+    """trl's parser (dataclasses, plus `--config file.yaml`), with CASE_ID as a positional argument."""
+    from trl import TrlParser  # here, not at the top: Unsloth must be imported before trl (see train.early_imports)
+
+    class Parser(TrlParser):
+        @staticmethod
+        def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field):
+            if field.metadata.get("positional"):
+                parser.add_argument(field.name, metavar=field.name.upper(), help=field.metadata.get("help"))
+            else:
+                TrlParser._parse_dataclass_field(parser, field)
+
+    return Parser((ScriptArguments, DataArguments, LoraArguments, TrainArguments), prog="python -m training")
+
+
+def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, DataArguments, LoraArguments, TrainArguments]:
+    p = parser()
+    try:
+        return p.parse_args_and_config(argv)
+    except ValueError as exc:  # a __post_init__ check: report it as a usage error, not a traceback
+        p.error(str(exc))

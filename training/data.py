@@ -1,0 +1,132 @@
+"""The chats a suspect is trained on: built from a case's dialogue material, or read from a file in the seed's format.
+
+Every chat is a `messages` list (trl's conversational format) that starts with exactly the system prompt the game
+sends (game.prompt.chat), so the adapter learns the prompt it will be played with. Probes are never used: they
+are the held-out questions of `python -m training.eval`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from datasets import Dataset
+
+from game.prompt import chat, system_prompt
+from game.scenario import Case, LoadedCase, read_cases
+from game.session import Exchange
+
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """Training data that cannot be used, said in terms of the file and record at fault."""
+
+
+def load_case(scenarios: Path, case_id: str) -> LoadedCase:
+    cases, problems = read_cases([scenarios])
+    if case_id in cases:
+        return cases[case_id]
+    bad = [p for p in problems if case_id in Path(p.path).stem]
+    if bad:  # the file is there but invalid: say why rather than "not found"
+        raise DataError("case '" + case_id + "' is invalid:\n  " + "\n  ".join(str(p) for p in bad))
+    known = ", ".join(sorted(cases)) or "none"
+    raise DataError(f"no case '{case_id}' in {scenarios} (cases there: {known})")
+
+
+def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int = 5) -> Dataset:
+    """`n` interrogations sampled from the case's topics: min_turns..max_turns questions, each answered in character.
+
+    A topic's answers fit any of its questions, so a question and an answer are drawn independently; within one
+    chat topics are not repeated while there are unused ones, as a detective rarely asks the same thing twice.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        turns = rng.randint(min_turns, max_turns)
+        topics = rng.sample(case.topics, min(turns, len(case.topics)))
+        topics += [rng.choice(case.topics) for _ in range(turns - len(topics))]
+        exchanges = [Exchange(rng.choice(t.questions), rng.choice(t.answers)) for t in topics]
+        *transcript, last = exchanges
+        messages = chat(case, transcript, last.question) + [{"role": "assistant", "content": last.answer}]
+        rows.append({"messages": messages})
+    return Dataset.from_list(rows)
+
+
+def load_conversations(path: Path, case: Case) -> Dataset:
+    """Read a JSON list or JSONL file of `{"conversations": [{"role", "content"}, ...]}` records.
+
+    A conversation without a system message gets the game's system prompt for `case`, so that external dialogue
+    trains the suspect under the prompt it is played with.
+    """
+    records = _read_records(path)
+    if not records:
+        raise DataError(f"{path}: no conversations in the file")
+    rows = []
+    for where, record in records:
+        messages = _checked(path, where, record)
+        if messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt(case)}, *messages]
+        rows.append({"messages": messages})
+    return Dataset.from_list(rows)
+
+
+def _read_records(path: Path) -> list[tuple[str, object]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the file: {exc}") from exc
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    if text.lstrip().startswith("["):  # one JSON array
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+        return [(f"record {i + 1}", r) for i, r in enumerate(data)]
+    records = []  # JSON Lines; a single JSON object is the one-line case
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"line {lineno}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}: line {lineno}: not valid JSON ({exc.msg}); expected one "
+                '{"conversations": [...]} object per line, or a JSON array of them'
+            ) from exc
+    return records
+
+
+def _checked(path: Path, where: str, record: object) -> list[dict[str, str]]:
+    def fail(message: str) -> DataError:
+        return DataError(f"{path}: {where}: {message}")
+
+    if not isinstance(record, dict) or "conversations" not in record:
+        raise fail('expected an object with a "conversations" list')
+    conversation = record["conversations"]
+    if not isinstance(conversation, list) or not conversation:
+        raise fail('"conversations" must be a non-empty list of {"role", "content"} messages')
+    messages = []
+    for i, message in enumerate(conversation):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
+            raise fail(f'message {i + 1}: expected {{"role": ..., "content": ...}}, got {json.dumps(message)[:80]}')
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise fail(f"message {i + 1}: role '{role}' is not one of {', '.join(ROLES)}")
+        if not isinstance(content, str) or not content.strip():
+            raise fail(f"message {i + 1} ({role}): content must be non-empty text")
+        messages.append({"role": role, "content": content})
+    first = 1 if messages[0]["role"] == "system" else 0
+    turns = messages[first:]
+    for i, message in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise fail(
+                f"message {first + i + 1}: role '{message['role']}' where '{expected}' was expected (a conversation "
+                "is an optional system message, then user and assistant in turn)"
+            )
+    if not any(m["role"] == "assistant" for m in turns):
+        raise fail("no assistant turn: there is nothing to train on")
+    return messages

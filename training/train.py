@@ -1,0 +1,576 @@
+"""`python -m training`: fine-tune a case's suspect (a LoRA on the base) and write its adapter folder.
+
+    python -m training museum-brooch                        # -> adapters/museum-brooch/, the bundled recipe
+    python -m training museum-brooch --steps 200 --rank 4 --lr 1e-3 --output /tmp/brooch
+    python -m training museum-brooch --data extra.jsonl --epochs 3
+    python -m training museum-brooch --resume               # continue an interrupted run from its last checkpoint
+    python -m training museum-brooch --backend hf           # plain transformers + peft + trl even on a GPU
+
+main() reads as litgpt's finetune/lora.py: setup -> fit -> validate -> save. The trainer is trl's SFTTrainer on both
+backends; the code here only picks the backend, loads the model for it, and writes the adapter folder that
+game/adapters.py reads (PEFT files + training_meta.json + README.md + loss.png), atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from datasets import Dataset
+
+from game.adapters import META_FILE
+from game.base import Base, resolve
+from game.prompt import chat
+from game.scenario import LoadedCase
+from training.config import DataArguments, LoraArguments, ScriptArguments, TrainArguments
+from training.data import case_chats, load_case, load_conversations
+
+log = logging.getLogger("training")
+
+TRAINING_TEMPLATE = Path(__file__).with_name("chatml_training.jinja")
+RUN_FILE = "run.json"  # in the work dir: what the checkpoints there were trained with, checked by --resume
+META_VERSION = 1
+LARGE_BASE_PARAMS = 2e9  # from here on a base is loaded in 4-bit on the GPU unless told otherwise
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or whose result must not replace the current adapter."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backend
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_backend(requested: str) -> str:
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if requested == "auto":
+        return "unsloth" if has_unsloth and cuda_available() else "hf"
+    if requested == "unsloth" and not (has_unsloth and cuda_available()):
+        missing = "unsloth is not installed" if not has_unsloth else "no CUDA GPU is visible"
+        raise TrainingError(f"--backend unsloth: {missing}; use --backend hf (or auto) to train with transformers")
+    return requested
+
+
+def early_imports(argv: list[str]) -> None:
+    """Import Unsloth before anything loads transformers, trl or peft: it patches them on import.
+
+    Called by __main__ before the arguments are parsed (the parser itself comes from trl), so it peeks at --backend.
+    """
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--backend", default="auto")
+    known, _ = peek.parse_known_args(argv)
+    try:
+        if choose_backend(known.backend) == "unsloth":
+            import unsloth  # noqa: F401
+    except TrainingError:
+        pass  # main() reports it after parsing, with the rest of the usage errors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# main: setup -> fit -> validate -> save
+
+
+def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments, train: TrainArguments,
+         callbacks: Sequence = ()) -> Path:
+    """Train and write the adapter folder; returns it. `callbacks`: extra transformers TrainerCallbacks."""
+    started = time.perf_counter()
+    # setup
+    loaded = load_case(script.scenarios, script.case_id)
+    base = resolve(script.base)
+    backend = choose_backend(script.backend)
+    on_gpu = cuda_available()
+    in_4bit = train.load_in_4bit if train.load_in_4bit is not None else on_gpu and _parameter_count(base) >= LARGE_BASE_PARAMS
+    if in_4bit and not on_gpu:
+        raise TrainingError("--load_in_4bit needs a CUDA GPU (bitsandbytes); the CPU trains the base in fp32")
+    dataset, data_source = build_dataset(loaded, data_args, train)
+    hyper = hyperparameters(data_args, lora, train, backend, on_gpu, in_4bit)
+    output = script.output_dir
+    work = output.with_name(output.name + ".work")
+    run = {"case_sha256": loaded.sha256, "base_fingerprint": base.fingerprint, "data": data_source, "hyperparameters": hyper}
+    checkpoint = prepare_work_dir(work, run, script.resume)
+    log.info("case %s, base %s, backend %s (%s), %d chats, %s", loaded.case.id, base.id, backend, device_name(), len(dataset),
+             f"{train.steps} steps" if train.steps else f"{train.epochs} epochs")
+    model, tokenizer, peft_config = load_model(backend, base, lora, train, data_args.max_length, in_4bit)
+    trainer = make_trainer(model, tokenizer, peft_config, dataset, work, hyper, backend, on_gpu, data_args, train)
+
+    # fit
+    meter = _meter()
+    for callback in (meter, *callbacks):
+        trainer.add_callback(callback)
+    if on_gpu:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    model = trainer.model
+
+    # validate: a diverged run must not replace a working adapter
+    losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    final_loss = losses[-1][1] if losses else result.training_loss
+    if not math.isfinite(final_loss):
+        raise TrainingError(f"training diverged (final loss {final_loss}); the previous adapter, if any, is kept. Try a lower --lr.")
+    probe = loaded.case.probes[0].question
+    sample = (probe, answer(model, tokenizer, loaded, probe, backend))
+    log.info("sample (held-out probe): %r -> %r", *sample)
+
+    # save
+    wall = time.perf_counter() - started
+    meta = {
+        "format": META_VERSION,
+        "base_id": base.id,
+        "base_fingerprint": base.fingerprint,
+        "case_id": loaded.case.id,
+        "case_sha256": loaded.sha256,
+        "case_file": loaded.path.name,
+        "data": data_source,
+        "backend": backend,
+        "device": device_name(),
+        "hyperparameters": hyper,
+        "steps": trainer.state.global_step,
+        "examples": len(dataset),
+        "final_loss": round(final_loss, 4),
+        "mean_loss": round(result.training_loss, 4),
+        "wall_s": round(wall, 1),
+        "train_s": round(meter.seconds, 1),
+        "tokens": meter.tokens,
+        "tokens_per_s": round(meter.tokens / meter.seconds, 1) if meter.seconds else None,
+        "peak_memory_gib": peak_memory_gib(on_gpu),
+        "peak_memory_kind": "cuda max allocated" if on_gpu else "process max RSS",
+        "resumed_from": Path(checkpoint).name if checkpoint else None,
+        "sample": {"question": sample[0], "answer": sample[1]},
+        "versions": _versions(backend),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    save_adapter(output, model, base, meta, losses, loaded)
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints only serve --resume of an unfinished run
+    log.info("adapter written to %s (%.0f s, %.0f tokens/s, final loss %.3f)", output, wall, meta["tokens_per_s"] or 0, final_loss)
+    return output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# setup
+
+
+def build_dataset(loaded: LoadedCase, data_args: DataArguments, train: TrainArguments) -> tuple[Dataset, dict]:
+    if data_args.data is not None:
+        from game.base import file_sha256
+
+        dataset = load_conversations(data_args.data, loaded.case)
+        return dataset, {"source": "file", "file": data_args.data.name, "sha256": file_sha256(data_args.data)}
+    n = data_args.chats or (train.steps * train.examples_per_step if train.steps else 256)
+    dataset = case_chats(loaded.case, n, train.seed, data_args.min_turns, data_args.max_turns)
+    return dataset, {"source": "case", "chats": n}
+
+
+def hyperparameters(data_args: DataArguments, lora: LoraArguments, train: TrainArguments, backend: str, on_gpu: bool,
+                    in_4bit: bool) -> dict:
+    """Every setting the adapter depends on, resolved (no None for 'default'), as stored in training_meta.json."""
+    return {
+        "rank": lora.rank,
+        "alpha": lora.lora_alpha,
+        "dropout": lora.dropout,
+        "target_modules": list(lora.target_modules),
+        "steps": train.steps,
+        "epochs": train.epochs,
+        "lr": train.lr,
+        "batch_size": train.batch_size,
+        "grad_accum": train.grad_accum,
+        "warmup_ratio": train.warmup_ratio,
+        "scheduler": train.scheduler,
+        "weight_decay": train.weight_decay,
+        "optim": train.optim or default_optim(on_gpu),
+        "seed": train.seed,
+        "precision": ("4bit+" if in_4bit else "") + (("bf16" if _bf16_ok() else "fp16") if on_gpu else "fp32"),
+        "gradient_checkpointing": "unsloth" if backend == "unsloth" else in_4bit,
+        "max_length": data_args.max_length,
+        "min_turns": data_args.min_turns,
+        "max_turns": data_args.max_turns,
+        "loss": "assistant tokens only",
+    }
+
+
+def default_optim(on_gpu: bool) -> str:
+    if on_gpu and importlib.util.find_spec("bitsandbytes") is not None:
+        return "adamw_8bit"  # the seed recipe's; needs bitsandbytes and a GPU
+    return "adamw_torch"
+
+
+def prepare_work_dir(work: Path, run: dict, resume: bool) -> str | None:
+    """The checkpoint to resume from, if asked and present; otherwise a fresh, empty work dir."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume and work.is_dir():
+        checkpoint = get_last_checkpoint(str(work))
+        if checkpoint is not None:
+            try:
+                previous = json.loads((work / RUN_FILE).read_text())
+            except (OSError, ValueError):
+                previous = None
+            if previous != run:
+                changed = sorted(k for k in run if previous is None or previous.get(k) != run[k])
+                raise TrainingError(
+                    f"--resume: the checkpoints in {work} were made with other settings ({', '.join(changed)}); "
+                    "run again with the same arguments, or without --resume to start over"
+                )
+            log.info("resuming from %s", checkpoint)
+            return checkpoint
+        log.warning("--resume: no checkpoint in %s, starting from scratch", work)
+    elif resume:
+        log.warning("--resume: no work dir %s, starting from scratch", work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / RUN_FILE).write_text(json.dumps(run, indent=1) + "\n")
+    return None
+
+
+def load_model(backend: str, base: Base, lora: LoraArguments, train: TrainArguments, max_length: int, in_4bit: bool):
+    """(model, tokenizer, peft_config): Unsloth returns the LoRA model itself, plain HF leaves the wrapping to trl."""
+    import torch
+
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=base.path, max_seq_length=max_length, dtype=None, load_in_4bit=in_4bit
+        )
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=lora.rank,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            bias="none",
+            use_gradient_checkpointing="unsloth",  # Unsloth's offloaded checkpointing: less memory for ~same speed
+            random_state=train.seed,
+        )
+        return model, tokenizer, None
+
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
+
+    set_seed(train.seed)  # the LoRA init draws from the global generator
+    on_gpu = torch.cuda.is_available()
+    kwargs = {"dtype": (torch.bfloat16 if _bf16_ok() else torch.float16) if on_gpu else torch.float32}
+    if in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=kwargs["dtype"],
+        )
+    if on_gpu:
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    peft_config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return model, tokenizer, peft_config
+
+
+def training_chat_template(tokenizer) -> str | None:
+    """Our ChatML template with generation markers when it renders exactly as the base's own; else None (trl then
+    looks up its own training template for the base's family, or says it has none)."""
+    probe = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "A2"},
+    ]
+    ours = TRAINING_TEMPLATE.read_text()
+    try:
+        same = all(
+            tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=g)
+            == tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=g, chat_template=ours)
+            for m in (probe, probe[1:], probe[:4])
+            for g in (False, True)
+        )
+    except Exception:  # a template that cannot render our probe is not ChatML
+        same = False
+    return str(TRAINING_TEMPLATE) if same else None
+
+
+def make_trainer(model, tokenizer, peft_config, dataset: Dataset, work: Path, hyper: dict, backend: str, on_gpu: bool,
+                 data_args: DataArguments, train: TrainArguments):
+    from trl import SFTConfig, SFTTrainer
+
+    config = SFTConfig(
+        output_dir=str(work),
+        max_steps=train.steps or -1,
+        num_train_epochs=train.epochs or 1,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        lr_scheduler_type=train.scheduler,
+        warmup_steps=train.warmup_ratio,  # a float below 1 is a ratio of the total steps (transformers 5)
+        weight_decay=train.weight_decay,
+        optim=hyper["optim"],
+        seed=train.seed,
+        # trl defaults both to True; the CPU has no bf16 and recomputing activations only costs time there.
+        bf16=on_gpu and _bf16_ok(),
+        fp16=on_gpu and not _bf16_ok(),
+        gradient_checkpointing=hyper["gradient_checkpointing"] is True,
+        max_length=data_args.max_length,
+        # Loss on the suspect's answers only: trl masks what lies outside {% generation %} in the chat template.
+        assistant_only_loss=True,
+        chat_template_path=training_chat_template(tokenizer),
+        logging_steps=train.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN must reach the validation step, not be smoothed over
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=1,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=on_gpu,
+    )
+    return SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fit
+
+
+def _meter():
+    """A callback measuring training time and tokens of this process (a resumed run counts only what it trained)."""
+    from transformers import TrainerCallback  # here, not at the top: Unsloth must be imported before transformers
+
+    class Meter(TrainerCallback):
+        def __init__(self):
+            self.seconds, self.tokens = 0.0, 0
+            self._t0 = self._tokens0 = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self._t0 is None:  # the first step, after any checkpoint has been loaded
+                self._t0, self._tokens0 = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self._t0 is not None:
+                self.seconds = time.perf_counter() - self._t0
+                self.tokens = int(state.num_input_tokens_seen - self._tokens0)
+
+    return Meter()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validate
+
+
+def answer(model, tokenizer, loaded: LoadedCase, question: str, backend: str) -> str:
+    """The trained suspect's answer to one question, generated and cleaned as the game does (game.suspect)."""
+    import torch
+
+    from game.suspect import GenerationSettings, clean_answer
+
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_inference(model)
+    model.eval()
+    s = GenerationSettings()
+    inputs = tokenizer.apply_chat_template(
+        chat(loaded.case, [], question), add_generation_prompt=True, return_tensors="pt", return_dict=True
+    ).to(model.device)
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=s.max_new_tokens, do_sample=s.do_sample,
+                             repetition_penalty=s.repetition_penalty, pad_token_id=tokenizer.pad_token_id)
+    new = ids[0, inputs["input_ids"].shape[1]:]
+    return clean_answer(tokenizer.decode(new, skip_special_tokens=False), finished=len(new) < s.max_new_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# save
+
+
+def save_adapter(output: Path, model, base: Base, meta: dict, losses: list[tuple[int, float]], loaded: LoadedCase) -> None:
+    """Write the whole folder next to `output`, then swap it in: a crash or Ctrl-C leaves the previous adapter."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        model.save_pretrained(tmp)
+        weights = tmp / "adapter_model.safetensors"
+        meta["adapter_dtype"] = _halve(weights)
+        meta["adapter_bytes"] = weights.stat().st_size
+        _set_base_name(tmp / "adapter_config.json", base)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        plot_loss(losses, tmp / "loss.png", f"{loaded.case.id}: LoRA r{meta['hyperparameters']['rank']}, {meta['backend']}")
+        (tmp / "README.md").write_text(model_card(meta, loaded))
+        _publishable(tmp)
+        _swap_in(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _halve(weights: Path) -> str:
+    """Store the LoRA weights in fp16 (bf16 if a value would overflow): half the bytes of fp32 for every bundled
+    adapter, and PEFT casts them back to the base's dtype when it loads them."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(weights)
+    big = max((t.abs().max().item() for t in tensors.values() if t.is_floating_point()), default=0.0)
+    dtype = torch.float16 if big < 6e4 else torch.bfloat16
+    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, weights, metadata={"format": "pt"})
+    return str(dtype).removeprefix("torch.")
+
+
+def _set_base_name(config_file: Path, base: Base) -> None:
+    # PEFT records the folder the base was loaded from: for the embedded base that is a path in this user's cache,
+    # meaningless elsewhere. The game ties adapters to bases by training_meta.json's fingerprint, not by this name.
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = base.id
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _publishable(folder: Path) -> None:
+    # mkdtemp makes the folder 0700 and safetensors writes 0600: give the adapter the modes of any file made here.
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+def _swap_in(tmp: Path, output: Path) -> None:
+    if not output.exists():
+        os.replace(tmp, output)
+        return
+    old = output.with_name(f".{output.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(output, old)
+    try:
+        os.replace(tmp, output)
+    except BaseException:
+        os.replace(old, output)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def plot_loss(losses: list[tuple[int, float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; also keeps a Gradio/Tk backend out of a training run
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
+    if losses:
+        steps, values = zip(*losses)
+        ax.plot(steps, values, marker="o", markersize=3)
+    ax.set(xlabel="step", ylabel="training loss (answers only)", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def model_card(meta: dict, loaded: LoadedCase) -> str:
+    case, h = loaded.case, meta["hyperparameters"]
+    rows = [
+        ("base", f"{meta['base_id']} (`{meta['base_fingerprint'][:30]}…`)"),
+        ("case file", f"{meta['case_file']} (sha256 `{meta['case_sha256'][:16]}…`)"),
+        ("data", f"{meta['examples']} chats from the case's topics" if meta["data"]["source"] == "case"
+         else f"{meta['examples']} conversations from {meta['data']['file']}"),
+        ("LoRA", f"r={h['rank']}, alpha={h['alpha']}, dropout={h['dropout']}, on {', '.join(h['target_modules'])}"),
+        ("schedule", f"{meta['steps']} steps, batch {h['batch_size']}x{h['grad_accum']}, lr {h['lr']} {h['scheduler']}, "
+                     f"warmup {h['warmup_ratio']}, weight decay {h['weight_decay']}, {h['optim']}, seed {h['seed']}"),
+        ("backend", f"{meta['backend']} on {meta['device']}, {h['precision']}"),
+        ("result", f"final loss {meta['final_loss']}, {meta['wall_s']} s wall, {meta['tokens_per_s']} tokens/s"),
+        ("weights", f"{meta['adapter_bytes'] / 1e6:.2f} MB ({meta['adapter_dtype']})"),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"""---
+library_name: peft
+tags: [lora, sft, trl, interrogation-room]
+---
+# Suspect: {case.suspect.name} — {case.title}
+
+The LoRA adapter that plays {case.suspect.name} ({case.suspect.role}) in the Interrogation Room case `{case.id}`,
+fine-tuned on interrogations built from the case file with the system prompt the game sends (loss on the suspect's
+answers only). Built by `python -m training {case.id}`; the game loads it only on the base it was trained on.
+
+| | |
+|---|---|
+{table}
+
+![training loss](loss.png)
+
+Held-out probe after training: *{meta['sample']['question']}* — "{meta['sample']['answer']}"
+
+```python
+from peft import PeftModel
+model = PeftModel.from_pretrained(base_model, "adapters/{case.id}")  # base_model: game.base.resolve("embedded").path
+```
+
+All figures are in `training_meta.json`.
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _parameter_count(base: Base) -> int:
+    """Roughly, from the config alone: decides 4-bit loading before any weight is read."""
+    config = json.loads((Path(base.path) / "config.json").read_text()) if Path(base.path).is_dir() else {}
+    h, layers = config.get("hidden_size", 0), config.get("num_hidden_layers", 0)
+    inter, vocab = config.get("intermediate_size", 4 * h), config.get("vocab_size", 0)
+    return layers * (4 * h * h + 3 * h * inter) + vocab * h
+
+
+def _bf16_ok() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def peak_memory_gib(on_gpu: bool) -> float:
+    import torch
+
+    if on_gpu:
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # ru_maxrss is in KiB on Linux
+
+
+def _versions(backend: str) -> dict:
+    names = ["torch", "transformers", "trl", "peft", "datasets"] + (["unsloth"] if backend == "unsloth" else [])
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
