@@ -129,19 +129,27 @@ class TrainArguments:
         return self.batch_size * self.grad_accum
 
 
-def parser():
-    """trl's parser (dataclasses, plus `--config file.yaml`), with CASE_ID as a positional argument."""
-    from trl import TrlParser  # here, not at the top: Unsloth must be imported before trl (see train.early_imports)
+def with_positional(parser_class):
+    """A dataclass parser (transformers' or trl's) that takes fields marked `positional` as positional arguments."""
 
-    class Parser(TrlParser):
+    class Parser(parser_class):
         @staticmethod
         def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field):
             if field.metadata.get("positional"):
                 parser.add_argument(field.name, metavar=field.name.upper(), help=field.metadata.get("help"))
             else:
-                TrlParser._parse_dataclass_field(parser, field)
+                parser_class._parse_dataclass_field(parser, field)
 
-    return Parser((ScriptArguments, DataArguments, LoraArguments, TrainArguments), prog="python -m training")
+    return Parser
+
+
+def parser():
+    """trl's parser (dataclasses, plus `--config file.yaml`), with CASE_ID as a positional argument."""
+    from trl import TrlParser  # here, not at the top: Unsloth must be imported before trl (see train.early_imports)
+
+    return with_positional(TrlParser)(
+        (ScriptArguments, DataArguments, LoraArguments, TrainArguments), prog="python -m training"
+    )
 
 
 def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, DataArguments, LoraArguments, TrainArguments]:

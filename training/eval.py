@@ -14,7 +14,6 @@ Scorers: training/scoring.py; what each figure means and where it can be fooled:
 """
 
 # No `from __future__ import annotations`: HfArgumentParser reads the field types at runtime.
-import argparse
 import dataclasses
 import json
 import logging
@@ -32,6 +31,7 @@ from game.scenario import Case, LoadedCase
 from game.session import MAX_QUESTIONS, Exchange, Session
 from game.suspect import GenerationSettings
 from training import eval_report, scoring, semantic
+from training.config import with_positional
 from training.data import DataError, load_case
 from training.scoring import FINE_TUNED, METRICS, PROMPT_ONLY, TARGETS
 
@@ -333,15 +333,7 @@ def parser():
     """transformers' dataclass parser (as trl's), with CASE_ID as a positional argument."""
     from transformers import HfArgumentParser
 
-    class Parser(HfArgumentParser):
-        @staticmethod
-        def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field):
-            if field.metadata.get("positional"):
-                parser.add_argument(field.name, metavar=field.name.upper(), help=field.metadata.get("help"))
-            else:
-                HfArgumentParser._parse_dataclass_field(parser, field)
-
-    return Parser((EvalArguments, GenerationArguments), prog="python -m training.eval")
+    return with_positional(HfArgumentParser)((EvalArguments, GenerationArguments), prog="python -m training.eval")
 
 
 def parse(argv: list[str] | None = None) -> tuple[EvalArguments, GenerationArguments]:
