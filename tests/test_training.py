@@ -20,7 +20,7 @@ from game import adapters
 from game.prompt import system_prompt
 from game.scenario import Case
 from training import train as training
-from training.config import parse
+from training.config import CPU_RECIPE, GPU_RECIPE, parse
 from training.data import DataError, case_chats, load_case, load_conversations
 
 CASE = Case.model_validate(MINIMAL_CASE)
@@ -96,7 +96,8 @@ def test_metadata_ties_the_adapter_to_its_base_and_case(trained, scenarios, base
     assert meta["backend"] == "hf" and meta["device"].startswith("cpu")
     assert meta["steps"] == 2 and meta["final_loss"] > 0 and meta["wall_s"] > 0 and meta["tokens_per_s"] > 0
     h = meta["hyperparameters"]
-    assert (h["rank"], h["alpha"], h["dropout"], h["lr"], h["seed"], h["batch_size"]) == (2, 2, 0.0, 2e-3, 3407, 2)
+    assert (h["rank"], h["alpha"], h["dropout"], h["seed"], h["batch_size"]) == (4, 4, 0.0, 3407, 2)
+    assert (h["lr"], h["grad_accum"]) == (CPU_RECIPE.lr, CPU_RECIPE.grad_accum)  # the CPU's recipe where unset
     assert h["optim"] == "adamw_torch" and h["weight_decay"] == 0.01 and h["scheduler"] == "linear"
     assert meta["sample"]["question"] == CASE.probes[0].question and meta["sample"]["answer"]
 
@@ -108,7 +109,7 @@ def test_adapter_is_stored_in_half_precision_and_small(trained):
     with safe_open(output / "adapter_model.safetensors", "pt") as f:
         dtypes = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
     assert dtypes == {"F16"}
-    assert (output / "adapter_model.safetensors").stat().st_size < 1.5e6  # rank 2: ~1.2 MB
+    assert (output / "adapter_model.safetensors").stat().st_size < 2.7e6  # rank 4: ~2.5 MB
 
 
 def test_game_accepts_the_adapter_on_its_base(trained, scenarios, base):
@@ -323,11 +324,24 @@ def test_steps_and_epochs_exclude_each_other():
         parse([CASE.id, "--steps", "5", "--epochs", "1"])
 
 
-def test_defaults_are_the_bundled_recipe():
+def test_defaults_are_the_bundled_recipe_on_a_gpu_and_a_ten_minute_one_on_the_cpu():
     script, data, lora, train = parse([CASE.id])
     assert script.output_dir == Path("adapters") / CASE.id and script.base == "embedded" and script.backend == "auto"
     assert lora.lora_alpha == lora.rank and lora.dropout == 0 and len(lora.target_modules) == 7
-    assert train.steps is not None and train.seed == 3407 and train.weight_decay == 0.01
+    assert train.seed == 3407 and train.weight_decay == 0.01
+    for on_gpu, recipe in ((True, GPU_RECIPE), (False, CPU_RECIPE)):
+        chosen = train.resolved(on_gpu)
+        assert (chosen.steps, chosen.batch_size, chosen.grad_accum, chosen.lr) == (
+            recipe.steps, recipe.batch_size, recipe.grad_accum, recipe.lr)
+    assert GPU_RECIPE.steps * GPU_RECIPE.batch_size * GPU_RECIPE.grad_accum > CPU_RECIPE.steps * CPU_RECIPE.batch_size
+
+
+def test_what_the_trainer_sets_wins_over_the_recipe():
+    *_, train = parse([CASE.id, "--steps", "7", "--lr", "1e-4", "--batch_size", "3"])
+    chosen = train.resolved(on_gpu=True)
+    assert (chosen.steps, chosen.lr, chosen.batch_size, chosen.grad_accum) == (7, 1e-4, 3, GPU_RECIPE.grad_accum)
+    *_, by_epochs = parse([CASE.id, "--epochs", "2"])
+    assert by_epochs.resolved(on_gpu=False).steps is None and by_epochs.resolved(on_gpu=False).epochs == 2
 
 
 def test_cpu_without_unsloth_trains_with_hf():
@@ -375,10 +389,11 @@ from game.base import resolve
 from game.scenario import Case
 from game.prompt import system_prompt
 from training import train
-from training.config import parse
+from training.config import CPU_RECIPE, GPU_RECIPE, parse
 from conftest import MINIMAL_CASE
 case = Case.model_validate(MINIMAL_CASE)
 _, data_args, lora, train_args = parse([case.id, "--batch_size", "1"])
+train_args = train_args.resolved(on_gpu=True)
 model, tokenizer, peft = train.load_model("unsloth", resolve("embedded"), lora, train_args, 512, False)
 messages = [{"role": "system", "content": system_prompt(case)},
             {"role": "user", "content": "Where were you last night?"},

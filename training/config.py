@@ -1,7 +1,7 @@
 """The arguments of `python -m training`: one dataclass per concern, parsed once at the edge (trl's sft.py style).
 
 Defaults are the recipe every bundled adapter is built with; each carries the reason it has that value.
-Measurements behind them (CPU, 2 cores, SmolLM2-135M): see training/README.md.
+Measurements behind them (SmolLM2-135M, an H100 and a 2-core CPU): see docs/training.md.
 """
 
 # No `from __future__ import annotations`: HfArgumentParser reads the field types at runtime.
@@ -14,7 +14,25 @@ from typing import Literal
 # The seed recipe's LoRA targets: every attention and MLP projection of a Llama block.
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-DEFAULT_STEPS = 40
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The defaults of steps, batch and learning rate, by where the run happens (measured: docs/training.md)."""
+
+    steps: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+
+
+# The bundled adapters' recipe: 200 steps of 8 five-question chats (~1,600 chats), ~3 min on one H100 with Unsloth.
+# Measured against 120 steps and rank 2 (benchmarks/results/recipe_sweep_h100-80gb-hbm3.jsonl): the only one of
+# the three whose scripted detective solves all six cases.
+GPU_RECIPE = Recipe(steps=200, batch_size=8, grad_accum=1, lr=2e-3)
+# What 2 CPU cores train in 10 minutes (~19 s a step of 4 chats): a tenth of the GPU recipe's chats, so a higher
+# learning rate. A quick suspect for trying out a new case; bundle the GPU recipe's.
+CPU_RECIPE = Recipe(steps=24, batch_size=2, grad_accum=2, lr=5e-3)
 
 
 @dataclass
@@ -72,9 +90,9 @@ class DataArguments:
 
 @dataclass
 class LoraArguments:
-    # Rank 2 on all seven projections is 610k parameters: 1.2 MB in fp16, so six bundled adapters stay ~7 MB.
-    # Rank 4 doubles that for no measured gain on the probes (training/README.md).
-    rank: int = field(default=2, metadata={"help": "LoRA rank r."})
+    # Rank 4 on all seven projections is 1.2M parameters, 2.5 MB in fp16 (15 MB for the six bundled cases). Rank 2
+    # (half that) scored lower on facts and retest and failed one case's detective (docs/training.md).
+    rank: int = field(default=4, metadata={"help": "LoRA rank r."})
     alpha: int | None = field(default=None, metadata={"help": "LoRA alpha; default = rank (the seed recipe)."})
     # The seed recipe: no dropout (Unsloth's fast path needs 0; a few hundred examples do not overfit at this rank).
     dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
@@ -89,15 +107,18 @@ class LoraArguments:
 
 @dataclass
 class TrainArguments:
-    steps: int | None = field(default=None, metadata={"help": f"Optimizer steps (default {DEFAULT_STEPS})."})
+    # Left unset, steps, lr, batch_size and grad_accum come from GPU_RECIPE or CPU_RECIPE (resolved()).
+    steps: int | None = field(default=None, metadata={"help": f"Optimizer steps (default {GPU_RECIPE.steps} on a GPU, "
+                                                             f"{CPU_RECIPE.steps} on the CPU)."})
     epochs: float | None = field(default=None, metadata={"help": "Epochs over the data instead of --steps."})
-    # Rank-2 LoRA with alpha = rank learns slowly at the seed's 2e-4; 2e-3 reaches the same loss in a quarter of
-    # the steps without diverging (measured, training/README.md), and steps are what the CPU pays for.
-    lr: float = field(default=2e-3, metadata={"help": "Peak learning rate."})
-    # 4 chats a step, 2 at a time: activations of a 5-question chat cost ~1.2 GB in fp32 on the CPU, so 2 keep a
-    # run under ~3 GB (8 at once took 7.5 GB) and are no slower per token than 4 or 8 (measured, README).
-    batch_size: int = field(default=2, metadata={"help": "Chats per forward pass (per device)."})
-    grad_accum: int = field(default=2, metadata={"help": "Forward passes per optimizer step."})
+    lr: float | None = field(default=None, metadata={"help": f"Peak learning rate (default {GPU_RECIPE.lr} on a GPU, "
+                                                            f"{CPU_RECIPE.lr} on the CPU)."})
+    # On the CPU 2 chats at a time: activations of a 5-question chat cost ~1.2 GB in fp32, so 2 keep a run under
+    # ~3.5 GB (8 at once took 7.5 GB) and are no slower per token than 4 or 8.
+    batch_size: int | None = field(default=None, metadata={"help": "Chats per forward pass (default 8 on a GPU, "
+                                                                    "2 on the CPU)."})
+    grad_accum: int | None = field(default=None, metadata={"help": "Forward passes per optimizer step (default 1 on "
+                                                                    "a GPU, 2 on the CPU)."})
     # The seed recipe: short warmup, linear decay, weight decay 0.01, seed 3407.
     warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of steps spent warming up."})
     scheduler: str = field(default="linear", metadata={"help": "Learning-rate schedule."})
@@ -117,12 +138,19 @@ class TrainArguments:
     def __post_init__(self):
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give --steps or --epochs, not both")
-        if self.steps is None and self.epochs is None:
-            self.steps = DEFAULT_STEPS
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"--steps must be at least 1, got {self.steps}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"--epochs must be positive, got {self.epochs}")
+
+    def resolved(self, on_gpu: bool) -> "TrainArguments":
+        """These arguments with every unset recipe value taken from the GPU's or the CPU's recipe."""
+        recipe = GPU_RECIPE if on_gpu else CPU_RECIPE
+        chosen = {name: getattr(recipe, name) for name in ("batch_size", "grad_accum", "lr")
+                  if getattr(self, name) is None}
+        if self.steps is None and self.epochs is None:
+            chosen["steps"] = recipe.steps
+        return dataclasses.replace(self, **chosen)
 
     @property
     def examples_per_step(self) -> int:

@@ -98,6 +98,7 @@ def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments,
     base = resolve(script.base)
     backend = choose_backend(script.backend)
     on_gpu = cuda_available()
+    train = train.resolved(on_gpu)
     in_4bit = train.load_in_4bit if train.load_in_4bit is not None else on_gpu and _parameter_count(base) >= LARGE_BASE_PARAMS
     if in_4bit and not on_gpu:
         raise TrainingError("--load_in_4bit needs a CUDA GPU (bitsandbytes); the CPU trains the base in fp32")
