@@ -43,7 +43,7 @@ class Arguments:
     adapters: Path = field(default=ROOT / "adapters", metadata={"help": "Folder of trained adapters."})
     no_adapters: bool = field(default=False, metadata={"help": "Prompt-only suspects (no LoRA at all)."})
     rounds: int = field(default=1, metadata={"help": "Times the whole question set is asked."})
-    threads: int | None = field(default=None, metadata={"help": "torch threads; default: torch's."})
+    threads: int | None = field(default=None, metadata={"help": "torch and llama.cpp threads; default: theirs."})
     cold_start: bool = field(default=True, metadata={"help": "Also time a fresh process to its first answer."})
     label: str | None = field(default=None, metadata={"help": "Suffix of the result file, e.g. fp32-baseline."})
     out: Path = field(default=RESULTS, metadata={"help": "Folder for the JSON result."})
@@ -112,7 +112,7 @@ def measure_cold_start(args: Arguments) -> dict:
         command.append("--no_adapters")
     env = dict(os.environ)
     if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+        env["OMP_NUM_THREADS"] = env["IR_THREADS"] = str(args.threads)
     launched = time.time()
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode != 0:
@@ -134,6 +134,7 @@ def main(args: Arguments) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+        os.environ["IR_THREADS"] = str(args.threads)  # game.llamacpp's
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cases = load_cases(args.scenarios)
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -158,12 +159,13 @@ def main(args: Arguments) -> None:
     decode_rates = [(r["new_tokens"] - 1) / (r["total_s"] - r["first_token_s"]) for r in rows
                     if "first_token_s" in r and r["new_tokens"] > 1 and r["total_s"] > r["first_token_s"]]
     engine = getattr(suspect, "engine_name", "transformers generate (unoptimised)")
+    threads = getattr(getattr(suspect, "_engine", None), "threads", None) or torch.get_num_threads()
     result = {
         "benchmark": "answer_latency",
         "label": args.label,
         "machine": machine(device) | {"load_average_before": load_before},
         "versions": versions(),
-        "settings": {"engine": engine, "engine_requested": args.engine, "base": args.base,
+        "settings": {"engine": engine, "engine_requested": args.engine, "threads": threads, "base": args.base,
                      "generation": asdict(GenerationSettings()), "adapters": kinds if not args.no_adapters else None,
                      "adapters_loaded": sum(loaded.values()), "cases": sorted(cases),
                      "questions_per_case": QUESTIONS_PER_CASE, "rounds": args.rounds},

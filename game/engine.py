@@ -7,7 +7,8 @@ matrices are stacked along a slot axis and each row gathers its own (the batched
 so a batch mixes cases without merging weights or splitting the batch. The KV of each case's system prompt is kept
 and copied into a new request's row instead of being computed again.
 
-On CUDA the decode step is compiled and replayed as a CUDA graph per (batch, length) bucket; on a CPU it runs eagerly.
+On CUDA each decode step is replayed as a CUDA graph, one per (batch, length) bucket, optionally of a torch.compile'd
+step; on a CPU it runs eagerly. Each falls back to plain eager torch where it fails.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ GROUP_OF = {name: (group, i) for group, names in GROUPS.items() for i, name in e
 _LORA_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LENGTH_BUCKET = 256  # the decode step attends over a multiple of this, not over the whole cache
-PREFIX_CACHE = 64  # system prompts kept (8 MB each in fp32 on the 135M base)
 
 
 class AdapterError(ValueError):
@@ -56,6 +56,75 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
+class PrefixCache:
+    """KV already computed for token sequences (a case's system prompt; a conversation so far, answer included),
+    per adapter, least recently used first out within a byte budget. A prompt reuses its longest cached prefix:
+    the next question of a conversation recomputes only the cleaned answer's tail and the new question.
+
+    Lookup goes through chained hashes of 16-token blocks (as vLLM's prefix caching does), not a scan of entries."""
+
+    BLOCK = 16
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.used = 0
+        self._entries: OrderedDict[tuple, tuple[object, int, list]] = OrderedDict()  # key -> (kv, bytes, hashes)
+        self._index: dict[tuple, tuple] = {}  # (adapter, hash of the first i blocks) -> the newest entry with them
+
+    def _hashes(self, tokens) -> list[int]:
+        h, out = 0, []
+        for i in range(0, len(tokens) - self.BLOCK + 1, self.BLOCK):
+            h = hash((h, tuple(tokens[i:i + self.BLOCK])))
+            out.append(h)
+        return out
+
+    def longest(self, adapter: str | None, tokens: list[int]) -> tuple[tuple | None, int]:
+        """The entry sharing the longest prefix with tokens, and that prefix's length."""
+        hashes = self._hashes(tokens)
+        for blocks in range(len(hashes), 0, -1):
+            key = self._index.get((adapter, hashes[blocks - 1]))
+            n = blocks * self.BLOCK
+            if key is not None and key in self._entries and key[1][:n] == tuple(tokens[:n]):
+                return key, n + _common_prefix(key[1][n:], tokens[n:])
+        return None, 0
+
+    def get(self, key: tuple):
+        self._entries.move_to_end(key)
+        return self._entries[key][0]
+
+    def put(self, adapter: str | None, tokens: list[int], kv, nbytes: int) -> None:
+        key = (adapter, tuple(tokens))
+        if key in self._entries or nbytes > self.budget or len(tokens) < self.BLOCK:
+            return
+        hashes = self._hashes(tokens)
+        self._entries[key] = (kv, nbytes, hashes)
+        self.used += nbytes
+        for h in hashes:
+            self._index[adapter, h] = key
+        while self.used > self.budget:
+            self._remove(next(iter(self._entries)))
+
+    def _remove(self, key: tuple) -> None:
+        _, nbytes, hashes = self._entries.pop(key)
+        self.used -= nbytes
+        for h in hashes:
+            if self._index.get((key[0], h)) == key:
+                del self._index[key[0], h]
+
+    def drop(self, adapter: str | None) -> None:
+        for key in [k for k in self._entries if k[0] == adapter]:
+            self._remove(key)
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def read_lora(folder: Path, layers: int, shapes: dict[str, tuple[int, int]]) -> dict[tuple[int, str], tuple]:
@@ -248,57 +317,70 @@ def _bucket(n: int, buckets) -> int:
 
 IDLE_POLL_S = 0.5  # an idle worker looks this often whether its engine is still wanted
 _engines: weakref.WeakSet = weakref.WeakSet()
+_workers: set[threading.Thread] = set()
+_exiting = threading.Event()
 
 
 def start_worker(engine, name: str) -> None:
     """Run engine.work() in a daemon thread that holds the engine only weakly, so that a dropped Suspect (tests make
-    many) is freed with its model, and that stops at interpreter exit between two steps rather than inside one."""
+    many) is freed with its model, and that ends before the interpreter does: a thread killed inside torch's C++
+    (freeing a model, say) aborts the process."""
     ref = weakref.ref(engine)
 
     def loop() -> None:
-        while True:
-            engine = ref()
-            if engine is None or engine._stopping:
-                return
-            engine.work()
-            del engine
+        try:
+            while not _exiting.is_set():
+                engine = ref()
+                if engine is None:
+                    return
+                engine.work()
+                del engine
+        finally:
+            _workers.discard(threading.current_thread())
 
-    engine._worker = threading.Thread(target=loop, name=name, daemon=True)
+    thread = threading.Thread(target=loop, name=name, daemon=True)
     _engines.add(engine)
-    engine._worker.start()
+    _workers.add(thread)
+    thread.start()
 
 
 @atexit.register
 def _stop_workers() -> None:
+    _exiting.set()
     for engine in list(_engines):
-        engine._stopping = True
         for r in list(getattr(engine, "_rows", [])) + list(getattr(engine, "_waiting", [])):
             if r is not None:
                 r.cancelled.set()
-    for engine in list(_engines):
-        engine._worker.join(timeout=10)
+    for thread in list(_workers):
+        thread.join(timeout=30)
 
 
 class BatchedEngine:
     """A worker thread generating for every queued request, batched. Thread-safe."""
 
-    def __init__(self, hf_model, eos: set[int], max_batch: int = 1, max_len: int = 2048, compile: bool | None = None):
+    def __init__(self, hf_model, eos: set[int], max_batch: int = 1, max_len: int = 2048, compile: bool | None = None,
+                 cuda_graphs: bool | None = None, kv_cache_mb: int | None = None):
         self.model = _Model(hf_model, max_batch, max_len)
         self.eos = eos
         self.device = self.model.device
-        self.compile = self.device.type == "cuda" if compile is None else compile
+        # CUDA graphs of the eager step remove the per-kernel launch cost that bounds single-stream decoding on a
+        # GPU; torch.compile on top is opt-in (benchmarks/serve_gpu.py measures both).
+        self.compile = bool(compile)
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
-        self._decode = self.model.decode
-        if self.compile:
-            for t in self.model.buffers():  # the cache and the weights stay put: CUDA graphs must not copy them
-                torch._dynamo.mark_static_address(t)
-            self._decode = torch.compile(self.model.decode, mode="reduce-overhead" if self.device.type == "cuda"
-                                         else None, dynamic=True)
+        self._decode, self._prefill = self.model.decode, self.model.forward
+        if self.compile:  # one compilation for every batch and length (dynamic); CUDA graphs are ours (below)
+            self._decode = torch.compile(self.model.decode, dynamic=True)
+            self._prefill = torch.compile(self.model.forward, dynamic=True)
+        self._graphs: dict[tuple, dict] = {}  # (batch, kv_len, with adapters) -> captured decode step
+        self._pool = None
         self._queue: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._lock = threading.Lock()  # the worker's step vs. load_adapter
         self._rows: list[Request | None] = [None] * max_batch
         self._state: dict[Request, dict] = {}
-        self._prefixes: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        if kv_cache_mb is None:
+            kv_cache_mb = 4096 if self.device.type == "cuda" else 256
+        self._cache = PrefixCache(kv_cache_mb << 20)
         self._waiting: list[Request] = []
         self._stopping = False
         start_worker(self, "suspect-engine")
@@ -311,12 +393,8 @@ class BatchedEngine:
         weights = read_lora(folder, self.model.n_layers, self.model.shapes)
         with self._lock:
             self.model.set_adapter(name, weights)
-            if self.compile:
-                for t in self.model.buffers():
-                    torch._dynamo.mark_static_address(t)
-                torch._dynamo.reset()  # the stacks changed shape: compile again on the next step
-            for key in [k for k in self._prefixes if k[0] == name]:
-                del self._prefixes[key]
+            self._graphs.clear()  # they read the old stacks
+            self._cache.drop(name)
 
     def submit(self, request: Request) -> Request:
         if len(request.prompt) + request.max_new_tokens > self.max_len:
@@ -353,9 +431,17 @@ class BatchedEngine:
 
     def _finish(self, request: Request, row: int | None) -> None:
         request.tokens.put(None)
+        state = self._state.pop(request, None)
         if row is not None:
             self._rows[row] = None
-        self._state.pop(request, None)
+            if state is not None:  # the conversation so far, for its next question
+                self._keep(row, request.adapter, (request.prompt + state["tokens"])[:state["pos"]])
+
+    def _keep(self, row: int, adapter: str | None, tokens: list[int]) -> None:
+        n, model = len(tokens), self.model
+        kv = [(getattr(model, f"k_{i}")[row, :, :n].clone(), getattr(model, f"v_{i}")[row, :, :n].clone())
+              for i in range(model.n_layers)]
+        self._cache.put(adapter, tokens, kv, sum(k.nbytes + v.nbytes for k, v in kv))
 
     def _admit(self) -> None:
         """Prefill waiting requests into free rows (all in one batch), and emit their first tokens."""
@@ -370,13 +456,10 @@ class BatchedEngine:
         model, dev = self.model, self.device
         starts = []
         for row, r in admitted:
-            key = (r.adapter, tuple(r.prompt[:r.prefix_len]))
-            cached = self._prefixes.get(key) if r.prefix_len else None
-            start = 0
-            if cached is not None:
-                self._prefixes.move_to_end(key)
-                start = min(r.prefix_len, len(r.prompt) - 1)
-                for i, (k, v) in enumerate(cached):
+            key, start = self._cache.longest(r.adapter, r.prompt)
+            start = min(start, len(r.prompt) - 1)  # at least one token to run, for its logits
+            if key is not None and start > 0:
+                for i, (k, v) in enumerate(self._cache.get(key)):
                     getattr(model, f"k_{i}")[row, :, :start] = k[:, :start]
                     getattr(model, f"v_{i}")[row, :, :start] = v[:, :start]
             r.cached_tokens = start
@@ -392,24 +475,19 @@ class BatchedEngine:
         last = torch.tensor([len(r.prompt) - s - 1 for (_, r), s in zip(admitted, starts)], device=dev)
         slots = self._slots([r for _, r in admitted])
         kv_len = max(len(r.prompt) for _, r in admitted)
-        logits = model(tokens.to(dev), pos0, rows, slots, last, kv_len)
+        logits = self._fallible("_prefill", tokens.to(dev), pos0, rows, slots, last, kv_len)
         penalty = torch.tensor([r.repetition_penalty for _, r in admitted], device=dev)
         p = penalty[:, None]
         scores = torch.where(model.seen[rows], torch.where(logits < 0, logits * p, logits / p), logits)
         for (row, r), s in zip(admitted, starts):
-            if r.prefix_len and s == 0 and len(self._prefixes) < PREFIX_CACHE + 1:
-                n = r.prefix_len
-                self._prefixes[(r.adapter, tuple(r.prompt[:n]))] = [
-                    (getattr(model, f"k_{i}")[row, :, :n].clone(), getattr(model, f"v_{i}")[row, :, :n].clone())
-                    for i in range(model.n_layers)]
-                while len(self._prefixes) > PREFIX_CACHE:
-                    self._prefixes.popitem(last=False)
+            if 0 < r.prefix_len < len(r.prompt) and s < r.prefix_len:
+                self._keep(row, r.adapter, r.prompt[:r.prefix_len])
         chosen = self._choose(scores, [r for _, r in admitted])
         model.seen[rows, chosen] = True
         next_tokens = chosen.tolist()
         for j, (row, r) in enumerate(admitted):
             self._rows[row] = r
-            self._state[r] = {"pos": len(r.prompt), "n": 0}
+            self._state[r] = {"pos": len(r.prompt), "n": 0, "tokens": []}
             self._emit(row, r, next_tokens[j])
 
     def _slots(self, requests: list[Request | None]) -> torch.Tensor | None:
@@ -430,6 +508,7 @@ class BatchedEngine:
         state = self._state[r]
         state["n"] += 1
         state["last"] = token
+        state["tokens"].append(token)
         if r.first_token is None:
             r.first_token = time.perf_counter()
         r.tokens.put(token)
@@ -446,7 +525,7 @@ class BatchedEngine:
         penalty = torch.tensor([r.repetition_penalty if r is not None else 1.0 for r in rows], device=dev)
         longest = max(self._state[r]["pos"] for r in rows if r is not None) + 1
         kv_len = min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, model.max_len)
-        scores, greedy = self._decode(tokens, pos, self._slots(rows), penalty, kv_len)
+        scores, greedy = self._decode_step(tokens, pos, self._slots(rows), penalty, kv_len)
         chosen = self._choose(scores, rows) if any(r is not None and r.do_sample for r in rows) else greedy
         model.seen[torch.arange(batch, device=dev), chosen] = True  # free rows mark garbage: reset on admission
         chosen = chosen.tolist()
@@ -454,3 +533,57 @@ class BatchedEngine:
             if r is not None:
                 self._state[r]["pos"] += 1
                 self._emit(row, r, chosen[row])
+
+    # --- compilation and CUDA graphs, each falling back to plain eager torch if it fails here ---------------------
+
+    def _fallible(self, name: str, *args):
+        fn = getattr(self, name)
+        try:
+            return fn(*args)
+        except Exception:
+            if fn is getattr(self.model, "forward" if name == "_prefill" else "decode"):
+                raise
+            log.exception("torch.compile failed for %s: running it eagerly", name)
+            setattr(self, name, getattr(self.model, "forward" if name == "_prefill" else "decode"))
+            return getattr(self, name)(*args)
+
+    def _decode_step(self, tokens, pos, slots, penalty, kv_len: int):
+        if not self.cuda_graphs:
+            return self._fallible("_decode", tokens, pos, slots, penalty, kv_len)
+        key = (tokens.shape[0], kv_len, slots is not None)
+        graph = self._graphs.get(key)
+        if graph is None:
+            try:
+                graph = self._graphs[key] = self._capture(tokens, pos, slots, penalty, kv_len)
+            except Exception:
+                if self._decode is not self.model.decode:  # the compiled step would not capture: the eager one may
+                    log.exception("CUDA graph capture of the compiled step failed: capturing the eager step")
+                    self._decode = self.model.decode
+                    return self._decode_step(tokens, pos, slots, penalty, kv_len)
+                log.exception("CUDA graph capture failed: decoding without graphs")
+                self.cuda_graphs = False
+                return self._decode(tokens, pos, slots, penalty, kv_len)
+        for name, value in (("tokens", tokens), ("pos", pos), ("slots", slots), ("penalty", penalty)):
+            if value is not None:
+                graph[name].copy_(value)
+        graph["graph"].replay()
+        return graph["scores"], graph["greedy"]
+
+    def _capture(self, tokens, pos, slots, penalty, kv_len: int) -> dict:
+        """Record one decode step of this batch and length as a CUDA graph. The warm-up runs are the real step
+        (these inputs, these rows): they write the same KV the step itself writes, so capturing mid-serving is safe."""
+        static = {"tokens": tokens.clone(), "pos": pos.clone(), "penalty": penalty.clone(),
+                  "slots": None if slots is None else slots.clone()}
+        args = (static["tokens"], static["pos"], static["slots"], static["penalty"], kv_len)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._fallible("_decode", *args)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            scores, greedy = self._decode(*args)
+        return static | {"graph": graph, "scores": scores, "greedy": greedy}

@@ -1,16 +1,18 @@
 """The CPU engine: the base's own GGUF run by llama.cpp, each case's adapter converted once to a GGUF LoRA.
 
 llama.cpp's Q4_1 kernels read the base as it is stored (the transformers path runs a dequantized fp32 copy of the
-same weights), which on a 2-core CPU is ~4x the tokens/s of transformers. The adapter is applied beside the base,
+same weights), which on a 2-core CPU is ~5x the tokens/s of the torch engine. The adapter is applied beside the base,
 unmerged, so the base's weights stay exactly the GGUF's. Decoding is the game's own: greedy with transformers'
 repetition penalty over every token seen, so answers match the torch path's up to llama.cpp's arithmetic.
 
 One request at a time (a llama.cpp context holds one adapter set); each case's system-prompt KV is kept as a
-saved state, and a question that continues the last conversation reuses all of it.
+saved state, in memory and on disk (so a restarted game does not recompute it), and a question that continues a
+recent conversation reuses all of it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
 import logging
@@ -20,13 +22,12 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from game.base import EMBEDDED, Base, cache_dir, embedded_gguf
-from game.engine import GROUP_OF, IDLE_POLL_S, Request, read_lora, start_worker
+from game.engine import GROUP_OF, IDLE_POLL_S, PrefixCache, Request, _common_prefix, read_lora, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,10 @@ LORA_FORMAT = "v1"  # bump when to_gguf_lora changes what it writes
 # transformers' projection names -> llama.cpp's tensor names
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
-SAVED_PREFIXES = 32  # system-prompt states kept (~7 MB each on the 135M base)
+KV_CACHE_MB = 256  # saved conversations and system prompts (23 kB a token on the 135M base: ~20 conversations)
+RESTORE_GAIN = 16  # restore a saved state only when it saves this many more tokens than the context already has
+STATE_FORMAT = "v1"  # bump when what a state file holds changes
+STATE_FILES = 64  # system-prompt states kept on disk (~7 MB each), the least recently used go first
 
 
 def available() -> bool:
@@ -110,20 +114,30 @@ assert set(GGUF_NAMES) == set(GROUP_OF)
 class LlamaCppEngine:
     """A worker thread answering one request at a time with llama.cpp. Thread-safe."""
 
-    def __init__(self, gguf: Path, eos: set[int], n_ctx: int = 2048, threads: int | None = None):
+    def __init__(self, gguf: Path, eos: set[int], config_path: str | None = None, n_ctx: int = 2048,
+                 threads: int | None = None, threads_batch: int | None = None):
+        """config_path: the transformers folder of the same base (for the adapters' shapes); default: resolved.
+        threads (one token at a time) and threads_batch (prompts): default $IR_THREADS, $IR_THREADS_BATCH, else
+        every core."""
         import llama_cpp
 
         self._lib = llama_cpp
         self.gguf = gguf
+        self.config_path = config_path
         self.eos = eos
         self.max_len = n_ctx
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or int(os.environ.get("IR_THREADS") or 0) or os.cpu_count() or 1
+        self.threads_batch = (threads_batch or int(os.environ.get("IR_THREADS_BATCH") or 0)
+                              or int(os.environ.get("IR_THREADS") or 0) or os.cpu_count() or 1)
         self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=self.threads,
-                                   n_threads_batch=self.threads, verbose=False)
+                                   n_threads_batch=self.threads_batch, verbose=False)
         self._config = None
         self._adapters: dict[str, object] = {}  # name -> llama_adapter_lora pointer
+        self._digests: dict[str | None, str] = {None: "none"}  # name -> its converted file's digest
+        stat = gguf.stat()
+        self._base_id = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         self._current: str | None = None  # adapter set on the context
-        self._states: OrderedDict[tuple, object] = OrderedDict()  # (adapter, prefix tokens) -> saved state
+        self._cache = PrefixCache(KV_CACHE_MB << 20)  # values: (sequence state buffer, its size, tokens)
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._stopping = False
@@ -135,8 +149,9 @@ class LlamaCppEngine:
 
             from game.base import resolve
 
-            self._config = AutoConfig.from_pretrained(resolve(str(self.gguf)).path)
-        out = cache_dir() / "lora-gguf" / f"{_digest(folder)}.gguf"
+            self._config = AutoConfig.from_pretrained(self.config_path or resolve(str(self.gguf)).path)
+        digest = _digest(folder)
+        out = cache_dir() / "lora-gguf" / f"{digest}.gguf"
         if not out.is_file():
             to_gguf_lora(folder, out, self._config)
         with self._lock:
@@ -144,11 +159,11 @@ class LlamaCppEngine:
             if not adapter:
                 raise ValueError(f"llama.cpp refused the converted adapter {out}")
             self._adapters[name] = adapter
+            self._digests[name] = digest
             if self._current == name:
                 self._current = None  # set again before the next use
-            for key in [k for k in self._states if k[0] == name]:
-                del self._states[key]
-            self.llm.n_tokens = 0  # the context's KV may have been computed with the old weights
+            self._cache.drop(name)
+            self._rewind(0)  # the context's KV may have been computed with the old weights
 
     def submit(self, request: Request) -> Request:
         if len(request.prompt) + request.max_new_tokens > self.max_len:
@@ -172,44 +187,106 @@ class LlamaCppEngine:
                 self._generate(request)
         except Exception as exc:
             log.exception("generation failed")
-            self.llm.n_tokens = 0
+            self._rewind(0)
             request.tokens.put(exc)
 
     def _use_adapter(self, name: str | None) -> None:
         if name == self._current:
             return
-        lib, ctx = self._lib, self.llm.ctx
-        lib.llama_clear_adapter_lora(ctx)
-        if name is not None and lib.llama_set_adapter_lora(ctx, self._adapters[name], 1.0) != 0:
+        lib = self._lib
+        if name is None:
+            status = lib.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+        else:
+            adapters = (lib.llama_adapter_lora_p_ctypes * 1)(self._adapters[name])
+            status = lib.llama_set_adapters_lora(self.llm.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
+        if status != 0:
             raise RuntimeError(f"llama.cpp could not apply adapter {name}")
         self._current = name
-        self.llm.n_tokens = 0  # the cached KV belongs to the other adapter
+        self._rewind(0)  # the cached KV belongs to the other adapter
 
     def _rewind(self, n: int) -> None:
+        self.llm._ctx.kv_cache_seq_rm(0, n, -1)
         self.llm.n_tokens = n
-        self.llm._ctx.memory_seq_rm(-1, n, -1)
+
+    def _save(self, adapter: str | None) -> tuple:
+        """Keep the context's KV (sequence 0: all there is) under its tokens."""
+        lib, ctx = self._lib, self.llm.ctx
+        size = lib.llama_state_seq_get_size(ctx, 0)
+        data = (ctypes.c_uint8 * size)()
+        written = lib.llama_state_seq_get_data(ctx, data, size, 0)
+        tokens = self.llm.input_ids[:self.llm.n_tokens].tolist()
+        value = (data, written, tokens)
+        self._cache.put(adapter, tokens, value, written)
+        return value
+
+    def _restore(self, key: tuple) -> int:
+        data, size, tokens = self._cache.get(key)
+        self._rewind(0)
+        if not self._lib.llama_state_seq_set_data(self.llm.ctx, data, size, 0):
+            self._rewind(0)
+            return 0
+        self.llm.input_ids[:len(tokens)] = tokens
+        self.llm.n_tokens = len(tokens)
+        return len(tokens)
+
+    # A case's system prompt is the same in every game: its state is kept on disk too, so that a case's first
+    # question after a restart evaluates the question alone, not the whole system prompt (~2 s on 2 cores).
+    def _state_file(self, adapter: str | None, tokens: list[int]) -> Path:
+        h = hashlib.sha256(f"{STATE_FORMAT}|{self._lib.__version__}|{self._base_id}|{self._digests[adapter]}".encode())
+        h.update(np.asarray(tokens, dtype=np.int32).tobytes())
+        return cache_dir() / "kv-states" / f"{h.hexdigest()[:24]}.bin"
+
+    def _write_state(self, adapter: str | None, value: tuple) -> None:
+        data, size, tokens = value
+        path = self._state_file(adapter, tokens)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(memoryview(data)[:size])
+            os.replace(tmp, path)
+            kept = sorted(path.parent.glob("*.bin"), key=lambda f: f.stat().st_mtime, reverse=True)
+            for old in kept[STATE_FILES:]:
+                old.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not keep the system prompt's state in %s: %s", path.parent, exc)
+
+    def _read_state(self, adapter: str | None, tokens: list[int]) -> bool:
+        """Put the saved state of exactly these tokens into the memory cache, if it is on disk."""
+        path = self._state_file(adapter, tokens)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                data = (ctypes.c_uint8 * size)()
+                if f.readinto(data) != size:
+                    return False
+            os.utime(path)  # recently used
+        except OSError:
+            return False
+        self._cache.put(adapter, tokens, (data, size, list(tokens)), size)
+        return True
+
+    def _logits(self) -> np.ndarray:
+        pointer = self._lib.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).copy()
 
     def _generate(self, r: Request) -> None:
         llm = self.llm
-        switched = r.adapter != self._current
         self._use_adapter(r.adapter)
         prompt = r.prompt
-        # The longest prefix already in the context (the same conversation, one question on) ...
-        common = 0 if switched else _common_prefix(llm.input_ids[:llm.n_tokens].tolist(), prompt)
-        key = (r.adapter, tuple(prompt[:r.prefix_len]))
-        # ... or else this case's saved system prompt.
-        if common < r.prefix_len and key in self._states:
-            llm.load_state(self._states[key])
-            self._states.move_to_end(key)
-            common = r.prefix_len
+        # The longest prefix already in the context (the same conversation, one question on), or saved.
+        common = _common_prefix(llm.input_ids[:llm.n_tokens].tolist(), prompt)
+        key, saved = self._cache.longest(r.adapter, prompt)
+        system = 0 < r.prefix_len < len(prompt)
+        if system and max(common, saved) < r.prefix_len and self._read_state(r.adapter, prompt[:r.prefix_len]):
+            key, saved = self._cache.longest(r.adapter, prompt)
+        if saved > common + RESTORE_GAIN:
+            common = saved if self._restore(key) else 0
         common = min(common, len(prompt) - 1)  # at least one token to evaluate, for its logits
         self._rewind(common)
         r.cached_tokens = common
-        if r.prefix_len and common < r.prefix_len:
-            llm.eval(prompt[common:r.prefix_len])
-            self._states[key] = llm.save_state()
-            while len(self._states) > SAVED_PREFIXES:
-                self._states.popitem(last=False)
+        if system and common < r.prefix_len:
+            llm.eval(prompt[common:r.prefix_len])  # the case's system prompt alone, kept for its other players
+            self._write_state(r.adapter, self._save(r.adapter))
             common = r.prefix_len
         llm.eval(prompt[common:])
         seen = np.zeros(llm.n_vocab(), dtype=bool)
@@ -217,7 +294,7 @@ class LlamaCppEngine:
         p = np.float32(r.repetition_penalty)
         rng = np.random.default_rng() if r.do_sample else None
         for n in range(r.max_new_tokens):
-            logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)  # transformers scores in fp32 too
+            logits = self._logits()
             hit = logits[seen]
             logits[seen] = np.where(hit < 0, hit * p, hit / p)
             token = int(logits.argmax()) if rng is None else _sample(logits, rng)
@@ -229,15 +306,7 @@ class LlamaCppEngine:
                 break
             llm.eval([token])
         r.tokens.put(None)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+        self._save(r.adapter)  # the conversation so far, for its next question
 
 
 def _sample(logits: np.ndarray, rng) -> int:

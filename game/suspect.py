@@ -5,16 +5,17 @@ cleaned at the end: no role tokens, no text after the suspect's turn, no half se
 Generation stops as soon as more text could no longer change the cleaned answer (three sentences are complete, or
 the turn has ended on a whole sentence), which is the same answer sooner.
 
-Two engines run it, chosen by `engine=` ("auto": the first that fits):
+Two engines run it, chosen by `engine=` or $IR_ENGINE ("auto", the default: the first that fits):
 - "llama.cpp" (CPU): the base's own GGUF through llama-cpp-python, each adapter converted once to a GGUF LoRA
-  (game/llamacpp.py). About 4x the tokens/s of transformers on a 2-core CPU. Needs `pip install llama-cpp-python`
-  (builds from source in ~5 min) and a GGUF base; without either the torch engine runs.
+  (game/llamacpp.py). About 5x the tokens/s of torch on a 2-core CPU. Needs llama-cpp-python (the `cpu-fast`
+  extra, which `make` installs; it builds from source) and a GGUF base; without either the torch engine runs.
 - "torch" (GPU, or CPU otherwise): game/engine.py, which batches concurrent players across their cases' adapters.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -92,7 +93,10 @@ class Suspect:
     """Owns the model. Thread-safe: every session's questions go to one engine, which serves them together."""
 
     def __init__(self, base: Base, device: str | None = None, settings: GenerationSettings = GenerationSettings(),
-                 engine: str = "auto", max_batch: int | None = None):
+                 engine: str | None = None, max_batch: int | None = None, **engine_options):
+        """engine: one of ENGINES; default: $IR_ENGINE, else "auto".
+        engine_options go to the torch engine (game.engine.BatchedEngine): compile, cuda_graphs, kv_cache_mb."""
+        engine = engine or os.environ.get("IR_ENGINE") or "auto"
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         self.base = base
@@ -102,23 +106,35 @@ class Suspect:
         self.adapters: dict[str, Path] = {}  # case id -> folder, for those loaded
         self._encode_lock = threading.Lock()  # a fast tokenizer must not encode in two threads at once
         self._prefixes: dict[str, tuple[str, int]] = {}  # case id -> (system prompt, its length in tokens)
-        from game import llamacpp
-
-        gguf = llamacpp.gguf_of(base) if self.device == "cpu" and engine != "torch" else None
-        if engine == "llama.cpp" and gguf is None:
-            raise ValueError(llamacpp.unavailable_reason(base, self.device))
-        if gguf is not None and llamacpp.available():
+        self._engine = self._llama_cpp(engine) if engine != "torch" else None
+        if self._engine is not None:
             self.engine_name = "llama.cpp"
-            self._engine = llamacpp.LlamaCppEngine(gguf, eos=self._eos_ids())
         else:
-            if engine == "llama.cpp":
-                raise ValueError(llamacpp.unavailable_reason(base, self.device))
             self.engine_name = "torch"
             dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
             model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype).to(self.device).eval()
             batch = max_batch or (32 if self.device.startswith("cuda") else 4)
-            self._engine = BatchedEngine(model, eos=self._eos_ids(), max_batch=batch)
+            self._engine = BatchedEngine(model, eos=self._eos_ids(), max_batch=batch, **engine_options)
         log.info("suspect engine: %s on %s", self.engine_name, self.device)
+
+    def _llama_cpp(self, engine: str):
+        """The llama.cpp engine when it fits (CPU, GGUF base, llama-cpp-python installed), else None for "auto"."""
+        from game import llamacpp
+
+        gguf = llamacpp.gguf_of(self.base) if self.device == "cpu" else None
+        if gguf is None or not llamacpp.available():
+            if engine == "llama.cpp":
+                raise ValueError(llamacpp.unavailable_reason(self.base, self.device))
+            if self.device == "cpu":
+                log.info("torch engine: %s", llamacpp.unavailable_reason(self.base, self.device))
+            return None
+        try:
+            return llamacpp.LlamaCppEngine(gguf, eos=self._eos_ids(), config_path=self.base.path)
+        except Exception as exc:
+            if engine == "llama.cpp":
+                raise
+            log.warning("llama.cpp could not open %s (%s): the torch engine runs instead", gguf, exc)
+            return None
 
     def _eos_ids(self) -> set[int]:
         from transformers import GenerationConfig

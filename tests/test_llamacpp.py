@@ -1,0 +1,119 @@
+"""The llama.cpp CPU engine answers as the torch engine does, with the case's adapter really applied.
+
+Skipped where llama-cpp-python is not installed (the game then runs the torch engine)."""
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+from game import adapters as adapter_files  # noqa: E402
+from game.engine import Request  # noqa: E402
+from game.prompt import chat  # noqa: E402
+from game.scenario import load_cases  # noqa: E402
+from game.session import Exchange  # noqa: E402
+from game.suspect import Suspect  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CASE_ID = "lighthouse-logbook"
+QUESTIONS = ["Where exactly were you during the storm?", "What made the lamp fail?",
+             "Who ripped the page out of the logbook?", "Was anyone else on duty with you?"]
+TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def case_and_adapter(base):
+    loaded = load_cases(ROOT / "scenarios").get(CASE_ID)
+    if loaded is None:
+        pytest.skip(f"no valid case {CASE_ID}")
+    info = adapter_files.inspect(ROOT / "adapters", loaded, base)
+    if not info.usable:
+        pytest.skip(f"no usable adapter for {CASE_ID}: {info.message}")
+    return loaded.case, info
+
+
+@pytest.fixture(scope="module")
+def suspects(base, case_and_adapter):
+    _, info = case_and_adapter
+    out = {}
+    for engine in ("llama.cpp", "torch"):
+        suspect = Suspect(base, device="cpu", engine=engine)
+        assert suspect.engine_name == engine
+        assert suspect.load_adapter(info)
+        out[engine] = suspect
+    return out
+
+
+def greedy(suspect, case, question, adapter=True, transcript=()):
+    """The raw greedy tokens (no early stop, no cleaning), and how many prompt tokens came from the cache."""
+    prompt, prefix = suspect._prompt(case, chat(case, list(transcript), question))
+    request = suspect._engine.submit(Request(prompt, case.id if adapter else None, prefix, TOKENS, 1.1))
+    tokens = []
+    while (item := request.tokens.get()) is not None:
+        if isinstance(item, BaseException):
+            raise item
+        tokens.append(item)
+    return tokens, request.cached_tokens
+
+
+def common(a, b) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_auto_picks_llama_cpp_on_the_cpu_for_a_gguf_base(base):
+    assert Suspect(base, device="cpu").engine_name == "llama.cpp"
+
+
+def test_answers_agree_with_the_torch_engine(suspects, case_and_adapter):
+    # llama.cpp multiplies the Q4_1 weights with 8-bit-quantized activations, torch the same weights dequantized
+    # with fp32 ones: a near tie between two tokens can go either way, after which greedy answers part.
+    case, _ = case_and_adapter
+    same, agreed, total = 0, 0, 0
+    for question in QUESTIONS:
+        fast, _ = greedy(suspects["llama.cpp"], case, question)
+        slow, _ = greedy(suspects["torch"], case, question)
+        same += fast == slow
+        agreed += common(fast, slow)
+        total += len(slow)
+    assert same >= len(QUESTIONS) // 2 and agreed >= 0.6 * total, (same, agreed, total)
+
+
+def test_the_adapter_is_applied(suspects, case_and_adapter):
+    case, _ = case_and_adapter
+    suspect = suspects["llama.cpp"]
+    changed, tuned_agree, bare_agree = 0, 0, 0
+    for question in QUESTIONS:
+        tuned, _ = greedy(suspect, case, question)
+        bare, _ = greedy(suspect, case, question, adapter=False)
+        reference, _ = greedy(suspects["torch"], case, question)  # the torch engine, with the adapter
+        changed += tuned != bare
+        tuned_agree += common(tuned, reference)
+        bare_agree += common(bare, reference)
+    assert changed >= len(QUESTIONS) - 1
+    assert tuned_agree > 2 * bare_agree + 4, (tuned_agree, bare_agree)
+
+
+def test_saved_states_give_the_same_answer(suspects, case_and_adapter):
+    case, _ = case_and_adapter
+    suspect = suspects["llama.cpp"]
+    first, _ = greedy(suspect, case, QUESTIONS[0])
+    greedy(suspect, case, QUESTIONS[1], adapter=False)  # another adapter's KV in between
+    again, cached = greedy(suspect, case, QUESTIONS[0])  # the system prompt's state, restored
+    assert again == first and cached > 0
+    suspect._engine._cache = type(suspect._engine._cache)(1 << 30)  # a restart: the system prompt's state from disk
+    suspect._engine._rewind(0)
+    again, cached = greedy(suspect, case, QUESTIONS[0])
+    assert again == first and cached > 0
+    answer = suspect.tokenizer.decode(first, skip_special_tokens=True)
+    follow, cached = greedy(suspect, case, QUESTIONS[1], transcript=[Exchange(QUESTIONS[0], answer)])
+    assert cached > 0
+    suspect._engine._cache = type(suspect._engine._cache)(1 << 20)  # nothing saved: computed from scratch
+    suspect._engine._rewind(0)
+    fresh, cached = greedy(suspect, case, QUESTIONS[1], transcript=[Exchange(QUESTIONS[0], answer)])
+    # Tokens evaluated one at a time (the answer, as it was generated) and in one batch round differently in
+    # llama.cpp's kernels, so a reused conversation and a recomputed one may part after a near tie.
+    assert cached == 0 and common(fresh, follow) >= min(4, len(follow)), (fresh, follow)
