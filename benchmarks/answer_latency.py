@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/answer_latency.py --rounds 3 --label fp32-baseline
 
 Each bundled case is questioned through `game.suspect.Suspect`, with the game's generation settings and the case's
-adapter (a stand-in of the training recipe's shape, rank 2 on all seven projections, where a case has none yet):
+adapter (a stand-in of the training recipe's shape, rank 4 on all seven projections, where a case has none yet):
 its first five probe questions in one interrogation, the transcript growing as in the game. One warm-up answer is
 not counted. Cold start is a fresh `python` process that resolves the base, opens the suspect, loads every adapter
 and answers one question, timed from before its launch. The machine's load average is recorded before and after:

@@ -67,8 +67,8 @@ def summary(values: list[float], digits: int = 4) -> dict:
             "min": round(min(values), digits), "max": round(max(values), digits)}
 
 
-def write_standin(folder: Path, config, seed: int, rank: int = 2) -> Path:
-    """A LoRA folder of the training recipe's shape (rank 2 on all seven projections) with random non-zero B:
+def write_standin(folder: Path, config, seed: int, rank: int = 4) -> Path:
+    """A LoRA folder of the training recipe's shape (rank 4 on all seven projections) with random non-zero B:
     costs what a trained adapter costs, answers like nothing in particular. Only for timing."""
     import torch
     from peft import LoraConfig

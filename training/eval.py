@@ -223,6 +223,7 @@ def evaluate(subject: Subject, loaded: LoadedCase, args: EvalArguments, gen: Gen
         "adapter": str(subject.adapter) if subject.adapter else None,
         "adapter_status": subject.adapter_status,
         "base": subject.suspect.base.id,
+        "engine": f"{subject.suspect.engine_name} on {subject.suspect.device}",
         "generation": dataclasses.asdict(gen.settings()),
     }
     return figures(case, asked, head, embedder, seconds=round(time.perf_counter() - started, 1))
@@ -252,7 +253,8 @@ def rescore(args: EvalArguments, loaded: LoadedCase) -> dict:
     old = json.loads(path.read_text())
     asked = [scoring.Asked(a["probe"], a["phrasing"], a["question"], a["answer"], a["conversation"], a["turn"],
                            a["retest"]) for a in old["answers"]]
-    head = {k: old[k] for k in ("case", "guilty", "variant", "adapter", "adapter_status", "base", "generation")}
+    head = {k: old.get(k) for k in ("case", "guilty", "variant", "adapter", "adapter_status", "base", "engine",
+                                    "generation")}
     embedder = semantic.load() if args.semantic else None
     return figures(loaded.case, asked, head, embedder, seconds=old["seconds"])
 
@@ -278,6 +280,7 @@ def run_detective(subject: Subject, loaded: LoadedCase) -> dict:
         "adapter": str(subject.adapter) if subject.adapter else None,
         "adapter_status": subject.adapter_status,
         "base": subject.suspect.base.id,
+        "engine": f"{subject.suspect.engine_name} on {subject.suspect.device}",
         "passed": evidence.solvable,
         **dataclasses.asdict(evidence),
         "seconds": round(time.perf_counter() - started, 1),

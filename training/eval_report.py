@@ -86,7 +86,8 @@ def markdown(case_id: str, runs: dict[str, dict | None], detectives: dict[str, d
     if present:
         any_run = runs[present[0]]
         lines += [
-            f"{'Guilty' if any_run['guilty'] else 'Innocent'} suspect; base {any_run['base']}; generation "
+            f"{'Guilty' if any_run['guilty'] else 'Innocent'} suspect; base {any_run['base']}; engine "
+            f"{any_run.get('engine') or 'not recorded'}; generation "
             f"{json.dumps(any_run['generation'])}. Figures from `python -m training.eval {case_id}` "
             "(definitions: docs/eval.md).", "",
             "| metric | target | " + " | ".join(present) + " |",
