@@ -75,7 +75,8 @@ def main(args: Args) -> dict:
     embedded = resolve(args.base)
     if args.shape == "smollm2-135m":
         base, data_args = embedded, DataArguments()
-        train = TrainArguments(steps=args.steps or 60, save_steps=10**6)  # no checkpoints: not what is measured
+        # the GPU recipe's batch and lr; no checkpoints: not what is measured
+        train = TrainArguments(steps=args.steps or 60, save_steps=10**6).resolved(on_gpu=True)
         in_4bit = False
     else:
         base = resolve(str(random_base(args.shape, args.shapes_dir / args.shape, embedded.path)))

@@ -6,8 +6,7 @@ unmerged, so the base's weights stay exactly the GGUF's. Decoding is the game's 
 repetition penalty over every token seen, so answers match the torch path's up to llama.cpp's arithmetic.
 
 One request at a time (a llama.cpp context holds one adapter set); each case's system-prompt KV is kept as a
-saved state, in memory and on disk (so a restarted game does not recompute it), and a question that continues a
-recent conversation reuses all of it.
+saved state in memory, and a question that continues a recent conversation reuses all of it.
 """
 
 from __future__ import annotations
@@ -37,8 +36,6 @@ GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_pro
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 KV_CACHE_MB = 256  # saved conversations and system prompts (23 kB a token on the 135M base: ~20 conversations)
 RESTORE_GAIN = 16  # restore a saved state only when it saves this many more tokens than the context already has
-STATE_FORMAT = "v1"  # bump when what a state file holds changes
-STATE_FILES = 64  # system-prompt states kept on disk (~7 MB each), the least recently used go first
 
 
 def available() -> bool:
@@ -133,9 +130,6 @@ class LlamaCppEngine:
                                    n_threads_batch=self.threads_batch, verbose=False)
         self._config = None
         self._adapters: dict[str, object] = {}  # name -> llama_adapter_lora pointer
-        self._digests: dict[str | None, str] = {None: "none"}  # name -> its converted file's digest
-        stat = gguf.stat()
-        self._base_id = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         self._current: str | None = None  # adapter set on the context
         self._cache = PrefixCache(KV_CACHE_MB << 20)  # values: (sequence state buffer, its size, tokens)
         self._lock = threading.Lock()
@@ -150,8 +144,7 @@ class LlamaCppEngine:
             from game.base import resolve
 
             self._config = AutoConfig.from_pretrained(self.config_path or resolve(str(self.gguf)).path)
-        digest = _digest(folder)
-        out = cache_dir() / "lora-gguf" / f"{digest}.gguf"
+        out = cache_dir() / "lora-gguf" / f"{_digest(folder)}.gguf"
         if not out.is_file():
             to_gguf_lora(folder, out, self._config)
         with self._lock:
@@ -159,7 +152,6 @@ class LlamaCppEngine:
             if not adapter:
                 raise ValueError(f"llama.cpp refused the converted adapter {out}")
             self._adapters[name] = adapter
-            self._digests[name] = digest
             if self._current == name:
                 self._current = None  # set again before the next use
             self._cache.drop(name)
@@ -229,42 +221,6 @@ class LlamaCppEngine:
         self.llm.n_tokens = len(tokens)
         return len(tokens)
 
-    # A case's system prompt is the same in every game: its state is kept on disk too, so that a case's first
-    # question after a restart evaluates the question alone, not the whole system prompt (~2 s on 2 cores).
-    def _state_file(self, adapter: str | None, tokens: list[int]) -> Path:
-        h = hashlib.sha256(f"{STATE_FORMAT}|{self._lib.__version__}|{self._base_id}|{self._digests[adapter]}".encode())
-        h.update(np.asarray(tokens, dtype=np.int32).tobytes())
-        return cache_dir() / "kv-states" / f"{h.hexdigest()[:24]}.bin"
-
-    def _write_state(self, adapter: str | None, value: tuple) -> None:
-        data, size, tokens = value
-        path = self._state_file(adapter, tokens)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_bytes(memoryview(data)[:size])
-            os.replace(tmp, path)
-            kept = sorted(path.parent.glob("*.bin"), key=lambda f: f.stat().st_mtime, reverse=True)
-            for old in kept[STATE_FILES:]:
-                old.unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("could not keep the system prompt's state in %s: %s", path.parent, exc)
-
-    def _read_state(self, adapter: str | None, tokens: list[int]) -> bool:
-        """Put the saved state of exactly these tokens into the memory cache, if it is on disk."""
-        path = self._state_file(adapter, tokens)
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                data = (ctypes.c_uint8 * size)()
-                if f.readinto(data) != size:
-                    return False
-            os.utime(path)  # recently used
-        except OSError:
-            return False
-        self._cache.put(adapter, tokens, (data, size, list(tokens)), size)
-        return True
-
     def _logits(self) -> np.ndarray:
         pointer = self._lib.llama_get_logits_ith(self.llm.ctx, -1)
         return np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).copy()
@@ -277,8 +233,6 @@ class LlamaCppEngine:
         common = _common_prefix(llm.input_ids[:llm.n_tokens].tolist(), prompt)
         key, saved = self._cache.longest(r.adapter, prompt)
         system = 0 < r.prefix_len < len(prompt)
-        if system and max(common, saved) < r.prefix_len and self._read_state(r.adapter, prompt[:r.prefix_len]):
-            key, saved = self._cache.longest(r.adapter, prompt)
         if saved > common + RESTORE_GAIN:
             common = saved if self._restore(key) else 0
         common = min(common, len(prompt) - 1)  # at least one token to evaluate, for its logits
@@ -286,7 +240,7 @@ class LlamaCppEngine:
         r.cached_tokens = common
         if system and common < r.prefix_len:
             llm.eval(prompt[common:r.prefix_len])  # the case's system prompt alone, kept for its other players
-            self._write_state(r.adapter, self._save(r.adapter))
+            self._save(r.adapter)
             common = r.prefix_len
         llm.eval(prompt[common:])
         seen = np.zeros(llm.n_vocab(), dtype=bool)

@@ -234,6 +234,7 @@ def test_labels_cover_the_suspects_answers_and_nothing_else(base, tmp_path):
     ]
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     _, data_args, _, train_args = parse([CASE.id])
+    train_args = train_args.resolved(on_gpu=False)
     trainer = training.make_trainer(
         AutoModelForCausalLM.from_pretrained(base.path), tokenizer, LoraConfig(r=2, task_type="CAUSAL_LM"),
         Dataset.from_list([{"messages": messages}]), tmp_path, {"optim": "adamw_torch", "gradient_checkpointing": False},
