@@ -50,8 +50,9 @@ class Arguments:
     cold_child: bool = field(default=False, metadata={"help": "(internal) be the cold-start process."})
 
 
-def open_suspect(args: Arguments, cases: dict, standins: Path):
-    """The suspect as game.room.open_room builds it: base resolved, adapters loaded beside it."""
+def open_suspect(args: Arguments, cases: dict, standins: Path, settle: bool = True):
+    """The suspect as game.room.open_room builds it: base resolved, adapters loaded beside it, every case's system
+    prompt prepared; with `settle`, once those are done (the game a player meets a moment after its start)."""
     from game.base import resolve
     from game.suspect import Suspect
 
@@ -62,6 +63,10 @@ def open_suspect(args: Arguments, cases: dict, standins: Path):
     suspect = Suspect(base, **kwargs)
     infos = {} if args.no_adapters else case_adapters(cases, base, args.adapters, standins)
     loaded = {case_id: suspect.load_adapter(info) for case_id, info in infos.items()}
+    prepared = [suspect.prepare(cases[case_id].case) for case_id in sorted(cases)]
+    for request in prepared if settle else ():
+        while (item := request.tokens.get()) is not None and not isinstance(item, BaseException):
+            pass
     kinds = {case_id: ("stand-in" if "stand-in" in info.message else "trained") for case_id, info in infos.items()}
     return suspect, loaded, kinds
 
@@ -95,7 +100,7 @@ def cold_child(args: Arguments) -> None:
     cases = load_cases(args.scenarios)
     imported = time.time()
     with tempfile.TemporaryDirectory() as standins:
-        suspect, loaded, _ = open_suspect(args, cases, Path(standins))
+        suspect, loaded, _ = open_suspect(args, cases, Path(standins), settle=False)
         ready = time.time()
         case = cases[sorted(cases)[0]].case
         answer = suspect.answer(case, [], case.probes[0].question)

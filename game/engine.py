@@ -51,6 +51,7 @@ class Request:
     max_new_tokens: int
     repetition_penalty: float
     do_sample: bool = False
+    background: bool = False  # a warm-up (Suspect.prepare): served when no player is waiting, where that matters
     tokens: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # ints, then None (or an exception)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,8 @@ class LlamaCppEngine:
         self._cache = PrefixCache(KV_CACHE_MB << 20)  # values: (sequence state buffer, its size, tokens)
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._players: deque[Request] = deque()
+        self._warm_ups: deque[Request] = deque()
         self._stopping = False
         start_worker(self, "suspect-llama.cpp")
 
@@ -167,10 +170,17 @@ class LlamaCppEngine:
 
     def work(self) -> None:
         """Answer the next queued request, if one comes within a moment."""
+        waiting = self._players or self._warm_ups
         try:
-            request = self._queue.get(timeout=IDLE_POLL_S)
+            item = self._queue.get_nowait() if waiting else self._queue.get(timeout=IDLE_POLL_S)
+            while True:
+                (self._warm_ups if item.background else self._players).append(item)
+                item = self._queue.get_nowait()
         except queue.Empty:
+            pass
+        if not (self._players or self._warm_ups):
             return
+        request = (self._players or self._warm_ups).popleft()  # a player first: a warm-up can wait
         if request.cancelled.is_set():
             request.tokens.put(None)
             return

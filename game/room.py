@@ -149,6 +149,7 @@ def open_room(config: GameConfig) -> Room:
             notes[case_id] = f"Prompt-only suspect: the adapter in {info.path} could not be loaded (see the server log)"
         else:
             notes[case_id] = "Prompt-only suspect: " + info.message
+        suspect.prepare(loaded.case)
     return Room(cases, suspect, notes, ResultStore(config.results))
 
 

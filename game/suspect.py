@@ -169,6 +169,15 @@ class Suspect:
                 known = self._prefixes[case.id] = (text, len(head) if ids[:len(head)] == head else 0)
         return list(ids), known[1]
 
+    def prepare(self, case: Case) -> Request:
+        """Compute the case's system-prompt KV now, in the engine's own time (~2 s on 2 cores), so that the first
+        question of its first game pays for itself alone. Returns at once (the request: its `tokens` end with None
+        once done); a player's question goes first."""
+        prompt, prefix = self._prompt(case, chat(case, (), "?"))
+        s = self.settings
+        return self._engine.submit(Request(prompt, case.id if case.id in self.adapters else None, prefix, 1,
+                                    s.repetition_penalty, background=True))
+
     def stream(self, case: Case, transcript: Sequence[Exchange], question: str,
                stats: dict | None = None) -> Iterator[str]:
         """Yield the answer so far, growing; the last value is the cleaned final answer.

@@ -113,3 +113,19 @@ def test_unreadable_meta_is_corrupt(tmp_path, base):
     (folder / adapter_files.META_FILE).write_text("not json")
     info = adapter_files.inspect(tmp_path / "adapters", loaded_case(tmp_path), base)
     assert info.status is adapter_files.Status.CORRUPT
+
+
+def test_a_prepared_case_answers_its_first_question_without_recomputing_its_system_prompt(base):
+    suspect = Suspect(base, device="cpu")
+    prepared, unprepared = (CASE.model_copy(update={"id": f"{CASE.id}-{name.split()[0].lower()}",
+                                                    "suspect": CASE.suspect.model_copy(update={"name": name})})
+                            for name in ("Prudence Vale", "Ambrose Kettle"))
+    suspect.prepare(prepared)
+    cached = {}
+    for case in (prepared, unprepared):
+        stats = {}
+        for _ in suspect.stream(case, [], "Where were you last night?", stats=stats):
+            pass
+        cached[case.id] = stats["cached_tokens"]
+    system_tokens = suspect._prompt(prepared, chat(prepared, [], "?"))[1]
+    assert system_tokens > 0 and cached[prepared.id] >= system_tokens > cached[unprepared.id]
