@@ -7,6 +7,7 @@ transaction, so a killed server leaves either the whole game or none of it.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from game.session import Result
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS games (
@@ -41,17 +44,33 @@ class ResultStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._local.db = None
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:  # a damaged file must not stop the game: keep it aside, start afresh
+            if self._local.db is not None:
+                self._local.db.close()
+                self._local.db = None
+            kept = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            for suffix in ("", "-wal", "-shm"):
+                if Path(f"{self.path}{suffix}").exists():
+                    Path(f"{self.path}{suffix}").rename(f"{kept}{suffix}")
+            log.warning("results database %s is damaged (%s): kept as %s, starting a new one", self.path, exc, kept)
+            self._open()
+
+    def _open(self) -> None:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            if (check := db.execute("PRAGMA quick_check").fetchone()[0]) != "ok":
+                raise sqlite3.DatabaseError(check)
 
     def _connect(self) -> sqlite3.Connection:
         # One connection per thread: sqlite3 connections must not cross threads, and Gradio runs handlers in a pool.
-        db = getattr(self._local, "db", None)
+        db = getattr(self._local, "db", None)  # None in a thread that has not connected yet
         if db is None:
-            db = sqlite3.connect(self.path, timeout=30)
+            db = self._local.db = sqlite3.connect(self.path, timeout=30)
             db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
         return db
 
     def record(self, game_id: str, case_id: str, result: Result, finished_at: float | None = None) -> None:

@@ -145,10 +145,11 @@ def open_room(config: GameConfig) -> Room:
             log.warning("%s: %s", case_id, info.message)
         if info.usable and suspect.load_adapter(info):
             notes[case_id] = "Fine-tuned suspect" + (" (stale adapter: retrain it)" if info.status.value == "stale" else "")
+        # Players read why, not where: the server's own paths stay in its log.
         elif info.usable:
-            notes[case_id] = f"Prompt-only suspect: the adapter in {info.path} could not be loaded (see the server log)"
+            notes[case_id] = f"Prompt-only suspect: the adapter adapters/{case_id} could not be loaded (see the server log)"
         else:
-            notes[case_id] = "Prompt-only suspect: " + info.message
+            notes[case_id] = "Prompt-only suspect: " + info.message.replace(str(info.path), f"adapters/{case_id}")
         suspect.prepare(loaded.case)
     return Room(cases, suspect, notes, ResultStore(config.results))
 

@@ -111,25 +111,26 @@ def test_a_malformed_case_cannot_be_started(client):
 
 # --- start-up: adapters ---
 
-def test_a_mismatched_adapter_plays_prompt_only_and_the_briefing_says_why(client):
+def test_a_mismatched_adapter_plays_prompt_only_and_the_briefing_says_why(served, client):
     briefing = briefing_of(client, MISMATCHED["id"])
-    assert "_Prompt-only suspect: adapter " in briefing
+    assert "_Prompt-only suspect: adapter " in briefing and str(served.adapters) not in briefing  # no server paths
     assert "was trained on base 'SomeOther-1B'" in briefing
     assert "Retrain with `python -m training greenhouse-mismatch`" in briefing
 
 
 def test_a_corrupt_adapter_plays_prompt_only_and_the_briefing_says_why(served, client):
     briefing = briefing_of(client, CORRUPT["id"])
-    assert "_Prompt-only suspect: the adapter in " in briefing
-    assert f"{CORRUPT['id']} could not be loaded (see the server log)" in briefing
+    assert f"_Prompt-only suspect: the adapter adapters/{CORRUPT['id']} could not be loaded (see the server log)" in briefing
+    assert str(served.adapters) not in briefing
     assert any("could not load adapter" in line and CORRUPT["id"] in line for line in served.log)
     history, *_ = client.predict("Where were you last night?", [], api_name="/ask")
     assert text_of(history[-1])
 
 
-def test_an_adapter_folder_without_weights_plays_prompt_only_and_the_briefing_says_why(client):
+def test_an_adapter_folder_without_weights_plays_prompt_only_and_the_briefing_says_why(served, client):
     briefing = briefing_of(client, PARTIAL["id"])
     assert "_Prompt-only suspect: " in briefing and "lacks adapter_model.safetensors" in briefing
+    assert f"adapters/{PARTIAL['id']}" in briefing and str(served.adapters) not in briefing
 
 
 def test_broken_adapters_leave_the_other_cases_as_they_would_be(served, base):

@@ -52,6 +52,18 @@ def test_the_store_is_created_on_first_run_in_wal_mode(tmp_path):
         assert db.execute("SELECT COUNT(*) FROM games").fetchone()[0] == 0
 
 
+def test_a_damaged_store_is_kept_aside_and_the_game_starts_with_a_new_one(tmp_path, caplog):
+    path = tmp_path / "results.db"
+    damage = b"this was a results database until a disk went bad" * 100
+    path.write_bytes(damage)
+    store = ResultStore(path)
+    store.record("g1", "museum", finished("after"))
+    assert [r["game_id"] for r in rows(path)] == ["g1"]
+    kept = list(tmp_path.glob("results.db.corrupt-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == damage  # nothing lost: the old file is there to inspect
+    assert str(kept[0]) in caplog.text
+
+
 def test_the_store_path_is_configurable(monkeypatch, tmp_path):
     monkeypatch.setenv("IR_RESULTS_DB", str(tmp_path / "elsewhere.db"))
     assert GameConfig.from_env().results == tmp_path / "elsewhere.db"
