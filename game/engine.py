@@ -359,14 +359,14 @@ def _stop_workers() -> None:
 class BatchedEngine:
     """A worker thread generating for every queued request, batched. Thread-safe."""
 
-    def __init__(self, hf_model, eos: set[int], max_batch: int = 1, max_len: int = 2048, compile: bool | None = None,
+    def __init__(self, hf_model, eos: set[int], max_batch: int = 1, max_len: int = 2048, compile: bool = False,
                  cuda_graphs: bool | None = None, kv_cache_mb: int | None = None):
         self.model = _Model(hf_model, max_batch, max_len)
         self.eos = eos
         self.device = self.model.device
         # CUDA graphs of the eager step remove the per-kernel launch cost that bounds single-stream decoding on a
         # GPU; torch.compile on top is opt-in (benchmarks/serve_gpu.py measures both).
-        self.compile = bool(compile)
+        self.compile = compile
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
         self._decode, self._prefill = self.model.decode, self.model.forward
@@ -383,7 +383,6 @@ class BatchedEngine:
             kv_cache_mb = 4096 if self.device.type == "cuda" else 256
         self._cache = PrefixCache(kv_cache_mb << 20)
         self._waiting: list[Request] = []
-        self._stopping = False
         start_worker(self, "suspect-engine")
 
     @property
@@ -435,7 +434,7 @@ class BatchedEngine:
         state = self._state.pop(request, None)
         if row is not None:
             self._rows[row] = None
-            if state is not None:  # the conversation so far, for its next question
+            if state is not None and not request.background:  # the conversation so far, for its next question
                 self._keep(row, request.adapter, (request.prompt + state["tokens"])[:state["pos"]])
 
     def _keep(self, row: int, adapter: str | None, tokens: list[int]) -> None:
@@ -538,15 +537,15 @@ class BatchedEngine:
     # --- compilation and CUDA graphs, each falling back to plain eager torch if it fails here ---------------------
 
     def _fallible(self, name: str, *args):
-        fn = getattr(self, name)
+        fn, eager = getattr(self, name), getattr(self.model, "forward" if name == "_prefill" else "decode")
         try:
             return fn(*args)
         except Exception:
-            if fn is getattr(self.model, "forward" if name == "_prefill" else "decode"):
+            if fn is eager:
                 raise
             log.exception("torch.compile failed for %s: running it eagerly", name)
-            setattr(self, name, getattr(self.model, "forward" if name == "_prefill" else "decode"))
-            return getattr(self, name)(*args)
+            setattr(self, name, eager)
+            return eager(*args)
 
     def _decode_step(self, tokens, pos, slots, penalty, kv_len: int):
         if not self.cuda_graphs:

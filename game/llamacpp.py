@@ -124,9 +124,9 @@ class LlamaCppEngine:
         self.config_path = config_path
         self.eos = eos
         self.max_len = n_ctx
-        self.threads = threads or int(os.environ.get("IR_THREADS") or 0) or os.cpu_count() or 1
-        self.threads_batch = (threads_batch or int(os.environ.get("IR_THREADS_BATCH") or 0)
-                              or int(os.environ.get("IR_THREADS") or 0) or os.cpu_count() or 1)
+        threads_env, cores = int(os.environ.get("IR_THREADS") or 0), os.cpu_count() or 1
+        self.threads = threads or threads_env or cores
+        self.threads_batch = threads_batch or int(os.environ.get("IR_THREADS_BATCH") or 0) or threads_env or cores
         self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=self.threads,
                                    n_threads_batch=self.threads_batch, verbose=False)
         self._config = None
@@ -137,7 +137,6 @@ class LlamaCppEngine:
         self._queue: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._players: deque[Request] = deque()
         self._warm_ups: deque[Request] = deque()
-        self._stopping = False
         start_worker(self, "suspect-llama.cpp")
 
     def load_adapter(self, name: str, folder: Path) -> None:
@@ -270,7 +269,8 @@ class LlamaCppEngine:
                 break
             llm.eval([token])
         r.tokens.put(None)
-        self._save(r.adapter)  # the conversation so far, for its next question
+        if not r.background:  # a warm-up has no conversation to continue: its system prompt is saved above
+            self._save(r.adapter)  # the conversation so far, for its next question
 
 
 def _sample(logits: np.ndarray, rng) -> int:

@@ -143,9 +143,9 @@ def open_room(config: GameConfig) -> Room:
         info = adapter_files.inspect(config.adapters, loaded, base)
         if info.status is not adapter_files.Status.MISSING and info.status is not adapter_files.Status.READY:
             log.warning("%s: %s", case_id, info.message)
+        # Players read why, not where: the server's own paths stay in its log.
         if info.usable and suspect.load_adapter(info):
             notes[case_id] = "Fine-tuned suspect" + (" (stale adapter: retrain it)" if info.status.value == "stale" else "")
-        # Players read why, not where: the server's own paths stay in its log.
         elif info.usable:
             notes[case_id] = f"Prompt-only suspect: the adapter adapters/{case_id} could not be loaded (see the server log)"
         else:

@@ -15,7 +15,6 @@ from typing import Literal
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-
 @dataclass(frozen=True)
 class Recipe:
     """The defaults of steps, batch and learning rate, by where the run happens (measured: docs/training.md)."""
