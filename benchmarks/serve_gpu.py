@@ -1,7 +1,8 @@
 """One GPU, many players: the game's own answer path (game.suspect.Suspect, torch engine) on CUDA, with adapters.
 
     python3 benchmarks/serve_gpu.py --base /tmp/base/base.gguf            # on the GPU machine (~5 min)
-    python3 benchmarks/serve_gpu.py --device cpu --players 4 --questions 2 --fixed_tokens 16 --peft_reference false
+    python3 benchmarks/serve_gpu.py --device cpu --compile false --players 4 --questions 2 --fixed_tokens 16 \
+        --peft_reference false
 
 Every case's adapter is loaded beside one bf16 base (adapters/<case_id>/, whichever base it was trained on, or a
 stand-in of the training recipe's shape where a case has none). Then, after a warm-up round (torch.compile and the
@@ -45,7 +46,9 @@ class Arguments:
     players: int = field(default=32, metadata={"help": "Concurrent players (and the engine's batch)."})
     questions: int = field(default=5, metadata={"help": "Questions per player, in one interrogation."})
     fixed_tokens: int = field(default=64, metadata={"help": "New tokens per answer in the fixed-length runs."})
-    compile: bool = field(default=False, metadata={"help": "Also torch.compile the step (the game does not)."})
+    compile: bool = field(default=True, metadata={"help": "torch.compile the layer (the game's default on CUDA)."})
+    switch_interval: float = field(default=0.0, metadata={"help": "sys.setswitchinterval for this run (seconds); "
+                                                                 "0: Python's own (5 ms)."})
     cuda_graphs: bool = field(default=True, metadata={"help": "Replay decode steps as CUDA graphs."})
     peft_reference: bool = field(default=True, metadata={"help": "Also time peft's mixed-adapter generate."})
     scenarios: Path = field(default=ROOT / "scenarios", metadata={"help": "Folder of case files."})
@@ -193,6 +196,8 @@ def main(args: Arguments) -> None:
     from game.scenario import load_cases
     from game.suspect import GenerationSettings, Suspect
 
+    if args.switch_interval:  # how long a thread that wants the GIL may wait for it (the engine's worker, say)
+        sys.setswitchinterval(args.switch_interval)
     loaded = load_cases(args.scenarios)
     cases = [loaded[c].case for c in sorted(loaded)]
     base = resolve(args.base)
@@ -219,6 +224,7 @@ def main(args: Arguments) -> None:
             "versions": versions(),
             "settings": {"engine": suspect.engine_name, "base": args.base, "dtype": "bfloat16" if
                          args.device.startswith("cuda") else "float32", "compile": suspect._engine.compile,
+                         "switch_interval_s": sys.getswitchinterval(),
                          "cuda_graphs": suspect._engine.cuda_graphs, "players": args.players,
                          "questions_per_player": args.questions, "fixed_tokens": args.fixed_tokens,
                          "generation": dataclasses.asdict(GenerationSettings()), "adapters": kinds,
@@ -242,7 +248,8 @@ def main(args: Arguments) -> None:
             except Exception as exc:  # a reference only: its failure must not lose the figures above
                 result["peft_mixed_batch_reference"] = {"error": repr(exc)}
     slug = device_slug(args.device)
-    write_result(f"serve_gpu_{slug}{'_compiled' if args.compile else ''}", result, args.out)
+    write_result(f"serve_gpu_{slug}{'' if args.compile else '_eager'}"
+                 f"{f'_switch{args.switch_interval:g}' if args.switch_interval else ''}", result, args.out)
 
 
 if __name__ == "__main__":

@@ -2,18 +2,20 @@
 
 The torch path of `game.suspect` (a GPU; a CPU without llama.cpp). One worker thread owns the model. Requests from
 all players queue up, are prefilled together, then decoded together: one token per step for every active player,
-each row of the batch at its own position, with its own case's adapter and its own stop. The adapters' A and B
-matrices are stacked along a slot axis and each row gathers its own (the batched-LoRA idea of S-LoRA and punica),
-so a batch mixes cases without merging weights or splitting the batch. The KV of each case's system prompt is kept
-and copied into a new request's row instead of being computed again.
+each row of the batch at its own position, with its own case's adapter and its own stop. Every adapter's A rows sit
+below the base's in each fused weight and each row keeps its own adapter's part (the batched-LoRA idea of S-LoRA
+and punica), so a batch mixes cases without splitting it; a step serving one case alone runs that case's adapter
+merged into the base. The KV of each case's system prompt (and of each conversation so far) is kept and copied
+into a new request's row instead of being computed again.
 
-On CUDA each decode step is replayed as a CUDA graph, one per (batch, length) bucket, optionally of a torch.compile'd
-step; on a CPU it runs eagerly. Each falls back to plain eager torch where it fails.
+On CUDA each decode step is replayed as a CUDA graph, one per (batch, length, mode) bucket, of a torch.compile'd
+layer; on a CPU it runs eagerly. Each falls back to plain eager torch where it fails.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import math
 import queue
@@ -37,6 +39,7 @@ GROUP_OF = {name: (group, i) for group, names in GROUPS.items() for i, name in e
 _LORA_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LENGTH_BUCKET = 256  # the decode step attends over a multiple of this, not over the whole cache
+PREFILL_BUCKET = 16  # a prefill runs a multiple of this many tokens per row (the padding's KV is never attended)
 
 
 class AdapterError(ValueError):
@@ -170,9 +173,15 @@ def read_lora(folder: Path, layers: int, shapes: dict[str, tuple[int, int]]) -> 
 
 
 class _Model(torch.nn.Module):
-    """The base's weights in fused form, the stacked adapters, the KV cache and the per-row state, as buffers."""
+    """The base's weights in fused form, the adapters, the KV cache and the per-row state, as buffers.
 
-    def __init__(self, hf_model, max_batch: int, max_len: int):
+    Each fused projection weight w_<group>_<layer> holds the base's rows and, below them, every loaded adapter's A
+    rows, so one matmul gives both the base output and every adapter's LoRA input; a per-row mask keeps the row's
+    own adapter's part, and lb_<group>_<layer> (every adapter's B, side by side) adds it back. Where a step serves
+    one adapter only (one player, say), m_<group>_<layer> hold that adapter merged into the base and the step runs
+    with no LoRA work at all."""
+
+    def __init__(self, hf_model, max_batch: int, max_len: int, merge: bool):
         super().__init__()
         config = hf_model.config
         inner = hf_model.model
@@ -184,7 +193,9 @@ class _Model(torch.nn.Module):
         self.eps = config.rms_norm_eps
         self.act = inner.layers[0].mlp.act_fn
         self.max_batch, self.max_len = max_batch, max_len
+        self.merge = merge
         buf = lambda name, t: self.register_buffer(name, t, persistent=False)  # noqa: E731
+        self._buf = buf
         buf("embed", weight.detach())
         buf("lm_head", hf_model.lm_head.weight.detach())
         buf("norm", inner.norm.weight.detach())
@@ -202,96 +213,138 @@ class _Model(torch.nn.Module):
                 self.outs[group] = [m.out_features for m in mods]
             buf(f"ln1_{i}", layer.input_layernorm.weight.detach())
             buf(f"ln2_{i}", layer.post_attention_layernorm.weight.detach())
-        # cos/sin for every position, from the model's own rotary module (whatever its RoPE scaling)
+        # cos/sin for every position, from the model's own rotary module (whatever its RoPE scaling); sin's first
+        # half negated, so that x * cos + roll(x) * sin is transformers' x * cos + rotate_half(x) * sin
         positions = torch.arange(max_len, device=self.device)[None]
         cos, sin = inner.rotary_emb(weight[:1][None], positions)
+        half = self.head_dim // 2
         buf("cos", cos[0])
-        buf("sin", sin[0])
-        shape = (max_batch, self.n_kv, max_len, self.head_dim)
-        for i in range(self.n_layers):
-            buf(f"k_{i}", torch.zeros(shape, dtype=self.dtype, device=self.device))
-            buf(f"v_{i}", torch.zeros(shape, dtype=self.dtype, device=self.device))
+        buf("sin", torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1))
+        # every layer's KV in one tensor: a row's cached prefix is copied in (and kept) in one operation, not 2 a layer
+        shape = (self.n_layers, max_batch, self.n_kv, max_len, self.head_dim)
+        buf("keys", torch.zeros(shape, dtype=self.dtype, device=self.device))
+        buf("values", torch.zeros(shape, dtype=self.dtype, device=self.device))
         buf("seen", torch.zeros(max_batch, weight.shape[0], dtype=torch.bool, device=self.device))
         self.rank = 0  # padded LoRA rank of the stacks; 0: no adapter loaded, no LoRA work at all
         self.adapters: dict[str, dict] = {}  # name -> read_lora() output
         self.slots: dict[str, int] = {}  # name -> slot in the stacks (slot 0: no adapter)
+        self.merged: str | None = None  # the adapter m_* hold
+
+    def width(self, group: str) -> int:
+        return sum(self.outs[group])
 
     # --- adapters -------------------------------------------------------------------------------------------------
 
     def set_adapter(self, name: str, weights: dict) -> None:
         self.adapters[name] = weights
         self.slots = {n: i + 1 for i, n in enumerate(self.adapters)}
-        rank = max(a.shape[0] for w in self.adapters.values() for a, _ in w.values())
-        self.rank = rank
-        n_slots = len(self.adapters) + 1
+        rank = self.rank = max(a.shape[0] for w in self.adapters.values() for a, _ in w.values())
+        n = len(self.adapters)
         for group, names in GROUPS.items():
-            fan_in = self.shapes[names[0]][0]
-            outs = self.outs[group]
+            k, outs, width = len(names), self.outs[group], self.width(group)
+            mask = torch.zeros(n + 1, n * k * rank)  # slot -> the columns of its own adapter
+            for slot in range(1, n + 1):
+                mask[slot, (slot - 1) * k * rank:slot * k * rank] = 1
+            self._buf(f"lm_{group}", mask.to(self.device, self.dtype))
             for layer in range(self.n_layers):
-                a_stack = torch.zeros(n_slots, len(names) * rank, fan_in)
-                b_stack = torch.zeros(n_slots, sum(outs), len(names) * rank)
-                for slot, w in enumerate(self.adapters.values(), start=1):
+                a_all = torch.zeros(n * k * rank, self.shapes[names[0]][0])
+                b_all = torch.zeros(width, n * k * rank)  # block-diagonal: each output reads its own A's rows only
+                for slot, w in enumerate(self.adapters.values()):
                     row = 0
-                    for j, n in enumerate(names):
-                        if (layer, n) in w:
-                            a, b = w[layer, n]
-                            a_stack[slot, j * rank:j * rank + a.shape[0]] = a
-                            b_stack[slot, row:row + outs[j], j * rank:j * rank + a.shape[0]] = b
+                    for j, proj in enumerate(names):
+                        if (layer, proj) in w:
+                            a, b = w[layer, proj]
+                            col = (slot * k + j) * rank
+                            a_all[col:col + a.shape[0]] = a
+                            b_all[row:row + outs[j], col:col + a.shape[0]] = b
                         row += outs[j]
-                # B is block-diagonal: each projection's output reads only its own A's rows
-                self.register_buffer(f"la_{group}_{layer}", a_stack.to(self.device, self.dtype), persistent=False)
-                self.register_buffer(f"lb_{group}_{layer}", b_stack.to(self.device, self.dtype), persistent=False)
+                fused = getattr(self, f"w_{group}_{layer}")
+                self._buf(f"w_{group}_{layer}", torch.cat([fused[:width], a_all.to(self.device, self.dtype)]))
+                if (bias := getattr(self, f"b_{group}_{layer}", None)) is not None:
+                    self._buf(f"b_{group}_{layer}", F.pad(bias[:width], (0, n * k * rank)))
+                self._buf(f"lb_{group}_{layer}", b_all.to(self.device, self.dtype))
+        self.merged = None
+
+    def merge_into(self, name: str) -> None:
+        """Make m_* the base with this adapter merged in: W + B A, computed in fp32."""
+        slot = self.slots[name]
+        for group, names in GROUPS.items():
+            width, cols = self.width(group), slice((slot - 1) * len(names) * self.rank, slot * len(names) * self.rank)
+            for layer in range(self.n_layers):
+                fused = getattr(self, f"w_{group}_{layer}")
+                a, b = fused[width:][cols].float(), getattr(self, f"lb_{group}_{layer}")[:, cols].float()
+                merged = (fused[:width].float() + b @ a).to(self.dtype)
+                if hasattr(self, f"m_{group}_{layer}"):
+                    getattr(self, f"m_{group}_{layer}").copy_(merged)  # in place: CUDA graphs read these buffers
+                else:
+                    self._buf(f"m_{group}_{layer}", merged)
+        self.merged = name
 
     # --- the forward ----------------------------------------------------------------------------------------------
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype  # the same arithmetic as transformers' LlamaRMSNorm
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return w * h.to(dtype)
-
-    def _proj(self, x: torch.Tensor, group: str, layer: int, slots: torch.Tensor | None) -> torch.Tensor:
-        y = F.linear(x, getattr(self, f"w_{group}_{layer}"), getattr(self, f"b_{group}_{layer}", None))
-        if slots is not None:
-            a = getattr(self, f"la_{group}_{layer}")[slots]  # [B, k*r, in]: each row its own case's adapter
-            b = getattr(self, f"lb_{group}_{layer}")[slots]  # [B, out, k*r]
-            y = y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
-        return y
+        # normalised in fp32, rounded, then scaled: transformers' LlamaRMSNorm, in one fused kernel where torch has it
+        return w * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
     def forward(self, tokens: torch.Tensor, pos0: torch.Tensor, rows: torch.Tensor | None, slots: torch.Tensor | None,
-                last: torch.Tensor, kv_len: int) -> torch.Tensor:
+                last: torch.Tensor, kv_len: int, mode: str = "stacked", layer=None) -> torch.Tensor:
         """Run tokens [B, M] of rows `rows` (None: rows 0..B-1) from positions pos0 [B]; write their KV; return the
-        logits [B, V] (fp32) at index `last` [B] of each row. Attention reads the first kv_len cached positions."""
+        logits [B, V] (fp32) at index `last` [B] of each row. Attention reads the first kv_len cached positions.
+        mode: see _proj; "stacked" needs slots [B], each row's adapter slot (0: none). layer: self.layer, or a
+        compiled version of it (one compilation serves every layer: their weights are its arguments)."""
         batch, m = tokens.shape
         positions = pos0[:, None] + torch.arange(m, device=tokens.device)  # [B, M]
         positions = positions.clamp(max=self.max_len - 1)  # padding past a short row's end
-        cos = self.cos[positions].unsqueeze(1)  # [B, 1, M, D]
-        sin = self.sin[positions].unsqueeze(1)
         allowed = torch.arange(kv_len, device=tokens.device)[None, None, None, :] <= positions[:, None, :, None]
-        index_rows = torch.arange(batch, device=tokens.device) if rows is None else rows
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=tokens.device).masked_fill_(~allowed, -math.inf)
+        step = {"cos": self.cos[positions].unsqueeze(2), "sin": self.sin[positions].unsqueeze(2),  # [B, M, 1, D]
+                "mask": mask.repeat(1, 1, self.n_heads // self.n_kv, 1),  # [B, 1, group x M, kv_len], as layer()'s q
+                "positions": positions, "rows": torch.arange(batch, device=tokens.device) if rows is None else rows,
+                "masks": {g: getattr(self, f"lm_{g}")[slots][:, None, :] for g in GROUPS} if mode == "stacked" else None}
         h = self.embed[tokens]
-        nq, nkv, d = self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.head_dim
         for i in range(self.n_layers):
-            x = self._rms(h, getattr(self, f"ln1_{i}"))
-            q, k, v = self._proj(x, "qkv", i, slots).split([nq, nkv, nkv], dim=-1)
-            q = q.view(batch, m, -1, d).transpose(1, 2)
-            k = k.view(batch, m, -1, d).transpose(1, 2)
-            v = v.view(batch, m, -1, d).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            kc, vc = getattr(self, f"k_{i}"), getattr(self, f"v_{i}")
-            kc[index_rows[:, None], :, positions] = k.transpose(1, 2)
-            vc[index_rows[:, None], :, positions] = v.transpose(1, 2)
-            keys = kc[:batch, :, :kv_len] if rows is None else kc[rows, :, :kv_len]
-            values = vc[:batch, :, :kv_len] if rows is None else vc[rows, :, :kv_len]
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=d ** -0.5,
-                                                  enable_gqa=self.n_kv != self.n_heads)
-            h = h + self._proj(attn.transpose(1, 2).reshape(batch, m, nq), "o", i, slots)
-            x = self._rms(h, getattr(self, f"ln2_{i}"))
-            gate, up = self._proj(x, "gate_up", i, slots).chunk(2, dim=-1)
-            h = h + self._proj(self.act(gate) * up, "down", i, slots)
+            h = (layer or self.layer)(h, self.weights(i, mode), self.keys[i], self.values[i], step, kv_len,
+                                      rows is None)
         h = h[torch.arange(batch, device=h.device), last]  # [B, H]: only the last token's logits are needed
         return F.linear(self._rms(h, self.norm), self.lm_head).float()
+
+    def weights(self, i: int, mode: str) -> dict:
+        """Layer i's tensors, as _proj and layer() use them in this mode."""
+        out = {"ln1": getattr(self, f"ln1_{i}"), "ln2": getattr(self, f"ln2_{i}")}
+        for group in GROUPS:
+            width = self.width(group)
+            weight, bias = getattr(self, f"w_{group}_{i}"), getattr(self, f"b_{group}_{i}", None)
+            if mode != "stacked":
+                weight, bias = weight[:width], None if bias is None else bias[:width]
+            if mode == "merged":
+                weight = getattr(self, f"m_{group}_{i}")
+            out[group] = (weight, bias, getattr(self, f"lb_{group}_{i}") if mode == "stacked" else None)
+        return out
+
+    def layer(self, h: torch.Tensor, w: dict, kc: torch.Tensor, vc: torch.Tensor, step: dict, kv_len: int,
+              first_rows: bool) -> torch.Tensor:
+        """One decoder layer over h [B, M, H]; writes this layer's KV of the new tokens into kc/vc. first_rows: the
+        batch is the cache's rows 0..B-1 (decoding), so that attention reads them as a slice, not a gather."""
+        batch, m, _ = h.shape
+        heads, kv_heads, d = self.n_heads, self.n_kv, self.head_dim
+        masks = step["masks"]
+        qkv = _proj(self._rms(h, w["ln1"]), w["qkv"], masks and masks["qkv"]).view(batch, m, heads + 2 * kv_heads, d)
+        qk = qkv[:, :, :heads + kv_heads]
+        qk = qk * step["cos"] + qk.roll(d // 2, dims=-1) * step["sin"]  # RoPE on q and k at once
+        q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads:]
+        rows, positions = step["rows"], step["positions"]
+        kc[rows[:, None], :, positions] = k
+        vc[rows[:, None], :, positions] = v
+        keys = kc[:batch, :, :kv_len] if first_rows else kc[rows, :, :kv_len]
+        values = vc[:batch, :, :kv_len] if first_rows else vc[rows, :, :kv_len]
+        # grouped-query attention as plain attention: each kv head's queries side by side ([B, kv heads, group x M,
+        # D]; a view when decoding), so no key is repeated and no GQA-specific kernel (or lack of one) is involved
+        attn = F.scaled_dot_product_attention(q.transpose(1, 2).reshape(batch, kv_heads, -1, d), keys, values,
+                                              attn_mask=step["mask"], scale=d ** -0.5)
+        attn = attn.reshape(batch, heads, m, d).transpose(1, 2)
+        h = h + _proj(attn.reshape(batch, m, heads * d), w["o"], masks and masks["o"])
+        gate, up = _proj(self._rms(h, w["ln2"]), w["gate_up"], masks and masks["gate_up"]).chunk(2, dim=-1)
+        return h + _proj(self.act(gate) * up, w["down"], masks and masks["down"])
 
     def pick(self, logits: torch.Tensor, penalty: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Repetition penalty over every token the row has seen (as transformers applies it), then greedy."""
@@ -299,17 +352,27 @@ class _Model(torch.nn.Module):
         scores = torch.where(self.seen[:batch], torch.where(logits < 0, logits * p, logits / p), logits)
         return scores, scores.argmax(-1)
 
-    def decode(self, tokens, pos, slots, penalty, kv_len: int):
-        """One decode step of rows 0..B-1: the compiled (CUDA-graphed) unit."""
+    def decode(self, tokens, pos, slots, penalty, kv_len: int, mode: str = "stacked", layer=None):
+        """One decode step of rows 0..B-1: the CUDA-graphed unit."""
         batch = tokens.shape[0]
-        logits = self.forward(tokens[:, None], pos, None, slots, torch.zeros_like(pos), kv_len)
+        logits = self.forward(tokens[:, None], pos, None, slots, torch.zeros_like(pos), kv_len, mode, layer)
         scores, greedy = self.pick(logits, penalty, batch)
         return scores, greedy
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _proj(x: torch.Tensor, weights: tuple, mask: torch.Tensor | None) -> torch.Tensor:
+    """A fused projection: weights (W, bias, B) from _Model.weights. With a mask [B, 1, adapter columns] (mode
+    "stacked"), W's rows past B's output width are every adapter's A, and each row keeps its own adapter's part."""
+    weight, bias, lora_b = weights
+    y = F.linear(x, weight, bias)
+    if mask is None:
+        return y
+    width = lora_b.shape[0]
+    return y[..., :width] + F.linear(y[..., width:] * mask, lora_b)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _bucket(n: int, buckets) -> int:
@@ -359,21 +422,28 @@ def _stop_workers() -> None:
 class BatchedEngine:
     """A worker thread generating for every queued request, batched. Thread-safe."""
 
-    def __init__(self, hf_model, eos: set[int], max_batch: int = 1, max_len: int = 2048, compile: bool = False,
-                 cuda_graphs: bool | None = None, kv_cache_mb: int | None = None):
-        self.model = _Model(hf_model, max_batch, max_len)
+    def __init__(self, hf_model, eos: set[int], max_batch: int = 1, max_len: int = 2048, compile: bool | None = None,
+                 cuda_graphs: bool | None = None, kv_cache_mb: int | None = None, merge: bool | None = None):
+        """On a GPU a step is a few hundred tiny kernels, and their launches are what it costs
+        (benchmarks/decode_step.py): so by default on CUDA, each decode step is replayed as a CUDA graph (no launch
+        from Python), the layer is compiled (torch.compile fuses its elementwise work: ~40% fewer kernels), and
+        merge keeps a copy of the base with one adapter merged in, for steps that serve that adapter alone (no LoRA
+        kernels at all; it costs one more copy of the projection weights). On a CPU, where the arithmetic is the cost,
+        none of them pays: plain eager torch."""
+        on_cuda = next(hf_model.parameters()).device.type == "cuda"
+        self.model = _Model(hf_model, max_batch, max_len, merge=on_cuda if merge is None else merge)
         self.eos = eos
         self.device = self.model.device
-        # CUDA graphs of the eager step remove the per-kernel launch cost that bounds single-stream decoding on a
-        # GPU; torch.compile on top is opt-in (benchmarks/serve_gpu.py measures both).
-        self.compile = compile
-        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.compile = on_cuda if compile is None else compile
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         self.buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
         self._decode, self._prefill = self.model.decode, self.model.forward
-        if self.compile:  # one compilation for every batch and length (dynamic); CUDA graphs are ours (below)
-            self._decode = torch.compile(self.model.decode, dynamic=True)
-            self._prefill = torch.compile(self.model.forward, dynamic=True)
-        self._graphs: dict[tuple, dict] = {}  # (batch, kv_len, with adapters) -> captured decode step
+        if self.compile:  # one compiled layer serves every layer (their weights are its arguments), batch and length
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            layer = torch.compile(self.model.layer, dynamic=True)
+            self._decode = functools.partial(self.model.decode, layer=layer)
+            self._prefill = functools.partial(self.model.forward, layer=layer)
+        self._graphs: dict[tuple, dict] = {}  # (batch, kv_len, mode) -> captured decode step
         self._pool = None
         self._queue: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._lock = threading.Lock()  # the worker's step vs. load_adapter
@@ -439,9 +509,8 @@ class BatchedEngine:
 
     def _keep(self, row: int, adapter: str | None, tokens: list[int]) -> None:
         n, model = len(tokens), self.model
-        kv = [(getattr(model, f"k_{i}")[row, :, :n].clone(), getattr(model, f"v_{i}")[row, :, :n].clone())
-              for i in range(model.n_layers)]
-        self._cache.put(adapter, tokens, kv, sum(k.nbytes + v.nbytes for k, v in kv))
+        kv = model.keys[:, row, :, :n].clone(), model.values[:, row, :, :n].clone()
+        self._cache.put(adapter, tokens, kv, kv[0].nbytes + kv[1].nbytes)
 
     def _admit(self) -> None:
         """Prefill waiting requests into free rows (all in one batch), and emit their first tokens."""
@@ -459,23 +528,24 @@ class BatchedEngine:
             key, start = self._cache.longest(r.adapter, r.prompt)
             start = min(start, len(r.prompt) - 1)  # at least one token to run, for its logits
             if key is not None and start > 0:
-                for i, (k, v) in enumerate(self._cache.get(key)):
-                    getattr(model, f"k_{i}")[row, :, :start] = k[:, :start]
-                    getattr(model, f"v_{i}")[row, :, :start] = v[:, :start]
+                keys, values = self._cache.get(key)
+                model.keys[:, row, :, :start] = keys[:, :, :start]
+                model.values[:, row, :, :start] = values[:, :, :start]
             r.cached_tokens = start
             starts.append(start)
             model.seen[row] = False
             model.seen[row, torch.tensor(r.prompt, device=dev)] = True
-        longest = max(len(r.prompt) - s for (_, r), s in zip(admitted, starts))
+        # padded to a few lengths, so that a prefill's shapes have been seen before (by cuBLAS, by the compiled layer)
+        longest = _round_up(max(len(r.prompt) - s for (_, r), s in zip(admitted, starts)), PREFILL_BUCKET)
         tokens = torch.zeros(len(admitted), longest, dtype=torch.long)
         for j, ((_, r), s) in enumerate(zip(admitted, starts)):
             tokens[j, :len(r.prompt) - s] = torch.tensor(r.prompt[s:])
         rows = torch.tensor([row for row, _ in admitted], device=dev)
         pos0 = torch.tensor(starts, device=dev)
         last = torch.tensor([len(r.prompt) - s - 1 for (_, r), s in zip(admitted, starts)], device=dev)
-        slots = self._slots([r for _, r in admitted])
-        kv_len = max(len(r.prompt) for _, r in admitted)
-        logits = self._fallible("_prefill", tokens.to(dev), pos0, rows, slots, last, kv_len)
+        mode, slots = self._mode([r for _, r in admitted])
+        kv_len = min(_round_up(max(len(r.prompt) for _, r in admitted), LENGTH_BUCKET), model.max_len)
+        logits = self._compiled_or_eager("_prefill", tokens.to(dev), pos0, rows, slots, last, kv_len, mode)
         penalty = torch.tensor([r.repetition_penalty for _, r in admitted], device=dev)
         p = penalty[:, None]
         scores = torch.where(model.seen[rows], torch.where(logits < 0, logits * p, logits / p), logits)
@@ -490,11 +560,19 @@ class BatchedEngine:
             self._state[r] = {"pos": len(r.prompt), "n": 0, "tokens": []}
             self._emit(row, r, next_tokens[j])
 
-    def _slots(self, requests: list[Request | None]) -> torch.Tensor | None:
-        if not self.model.rank:
-            return None
-        return torch.tensor([self.model.slots.get(r.adapter, 0) if r is not None else 0 for r in requests],
-                            device=self.device)
+    def _mode(self, requests: list[Request | None]) -> tuple[str, torch.Tensor | None]:
+        """How a step of these requests applies adapters (_Model._proj), and each row's adapter slot if it must."""
+        model = self.model
+        adapters = {r.adapter for r in requests if r is not None}
+        if not model.rank or adapters == {None}:
+            return "base", None
+        if model.merge and len(adapters) == 1:
+            (name,) = adapters
+            if model.merged != name:
+                model.merge_into(name)
+            return "merged", None
+        return "stacked", torch.tensor([model.slots.get(r.adapter, 0) if r is not None else 0 for r in requests],
+                                       device=self.device)
 
     def _choose(self, scores: torch.Tensor, requests: list[Request | None]) -> torch.Tensor:
         chosen = scores.argmax(-1)
@@ -524,8 +602,8 @@ class BatchedEngine:
         pos = torch.tensor([self._state[r]["pos"] if r is not None else 0 for r in rows], device=dev)
         penalty = torch.tensor([r.repetition_penalty if r is not None else 1.0 for r in rows], device=dev)
         longest = max(self._state[r]["pos"] for r in rows if r is not None) + 1
-        kv_len = min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, model.max_len)
-        scores, greedy = self._decode_step(tokens, pos, self._slots(rows), penalty, kv_len)
+        kv_len = min(_round_up(longest, LENGTH_BUCKET), model.max_len)
+        scores, greedy = self._decode_step(tokens, pos, penalty, kv_len, *self._mode(rows))
         chosen = self._choose(scores, rows) if any(r is not None and r.do_sample for r in rows) else greedy
         model.seen[torch.arange(batch, device=dev), chosen] = True  # free rows mark garbage: reset on admission
         chosen = chosen.tolist()
@@ -536,50 +614,51 @@ class BatchedEngine:
 
     # --- compilation and CUDA graphs, each falling back to plain eager torch if it fails here ---------------------
 
-    def _fallible(self, name: str, *args):
-        fn, eager = getattr(self, name), getattr(self.model, "forward" if name == "_prefill" else "decode")
+    def _compiled_or_eager(self, name: str, *args):
+        """Run self._decode or self._prefill; where the compiled version fails, switch to the eager one for good."""
+        fn, eager = getattr(self, name), getattr(self.model, "decode" if name == "_decode" else "forward")
         try:
             return fn(*args)
         except Exception:
             if fn is eager:
                 raise
-            log.exception("torch.compile failed for %s: running it eagerly", name)
+            log.exception("torch.compile failed: %s runs eagerly", name)
             setattr(self, name, eager)
             return eager(*args)
 
-    def _decode_step(self, tokens, pos, slots, penalty, kv_len: int):
+    def _decode_step(self, tokens, pos, penalty, kv_len: int, mode: str, slots):
         if not self.cuda_graphs:
-            return self._fallible("_decode", tokens, pos, slots, penalty, kv_len)
-        key = (tokens.shape[0], kv_len, slots is not None)
+            return self._compiled_or_eager("_decode", tokens, pos, slots, penalty, kv_len, mode)
+        key = (tokens.shape[0], kv_len, mode)
         graph = self._graphs.get(key)
         if graph is None:
             try:
-                graph = self._graphs[key] = self._capture(tokens, pos, slots, penalty, kv_len)
+                graph = self._graphs[key] = self._capture(tokens, pos, slots, penalty, kv_len, mode)
             except Exception:
                 if self._decode is not self.model.decode:  # the compiled step would not capture: the eager one may
                     log.exception("CUDA graph capture of the compiled step failed: capturing the eager step")
                     self._decode = self.model.decode
-                    return self._decode_step(tokens, pos, slots, penalty, kv_len)
+                    return self._decode_step(tokens, pos, penalty, kv_len, mode, slots)
                 log.exception("CUDA graph capture failed: decoding without graphs")
                 self.cuda_graphs = False
-                return self._decode(tokens, pos, slots, penalty, kv_len)
+                return self._decode(tokens, pos, slots, penalty, kv_len, mode)
         for name, value in (("tokens", tokens), ("pos", pos), ("slots", slots), ("penalty", penalty)):
             if value is not None:
                 graph[name].copy_(value)
         graph["graph"].replay()
         return graph["scores"], graph["greedy"]
 
-    def _capture(self, tokens, pos, slots, penalty, kv_len: int) -> dict:
-        """Record one decode step of this batch and length as a CUDA graph. The warm-up runs are the real step
+    def _capture(self, tokens, pos, slots, penalty, kv_len: int, mode: str) -> dict:
+        """Record one decode step of this batch, length and mode as a CUDA graph. The warm-up runs are the real step
         (these inputs, these rows): they write the same KV the step itself writes, so capturing mid-serving is safe."""
         static = {"tokens": tokens.clone(), "pos": pos.clone(), "penalty": penalty.clone(),
                   "slots": None if slots is None else slots.clone()}
-        args = (static["tokens"], static["pos"], static["slots"], static["penalty"], kv_len)
+        args = (static["tokens"], static["pos"], static["slots"], static["penalty"], kv_len, mode)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._fallible("_decode", *args)
+                self._compiled_or_eager("_decode", *args)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:

@@ -171,11 +171,12 @@ class Suspect:
 
     def prepare(self, case: Case) -> Request:
         """Compute the case's system-prompt KV now, in the engine's own time (~2 s on 2 cores), so that the first
-        question of its first game pays for itself alone. Returns at once (the request: its `tokens` end with None
+        question of its first game pays for itself alone; its two tokens also build (compile, capture) the decode
+        step a lone player of this case runs, on a GPU. Returns at once (the request: its `tokens` end with None
         once done); a player's question goes first."""
         prompt, prefix = self._prompt(case, chat(case, (), "?"))
         s = self.settings
-        return self._engine.submit(Request(prompt, case.id if case.id in self.adapters else None, prefix, 1,
+        return self._engine.submit(Request(prompt, case.id if case.id in self.adapters else None, prefix, 2,
                                     s.repetition_penalty, background=True))
 
     def stream(self, case: Case, transcript: Sequence[Exchange], question: str,

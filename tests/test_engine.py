@@ -1,0 +1,137 @@
+"""The torch engine (game.engine) generates what transformers + peft generate, however requests are batched,
+cached or compiled."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from game.engine import BatchedEngine, Request
+from game.prompt import chat
+from game.scenario import load_cases
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = ["lighthouse-logbook", "ski-lodge-bracelet"]  # two adapters, so that a batch mixes them
+TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def setup(base):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = load_cases(ROOT / "scenarios")
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    prompts = {}
+    for case_id in CASES:
+        case = loaded[case_id].case
+        prompts[case_id] = [tokenizer.apply_chat_template(chat(case, [], p.question), add_generation_prompt=True,
+                                                          tokenize=True, return_dict=False) for p in case.probes[:2]]
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32).eval()
+    return model, prompts
+
+
+@pytest.fixture(scope="module")
+def reference(base, setup):
+    """transformers' greedy generate with peft's adapter: what every engine configuration must reproduce."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, prompts = setup
+    out = {}
+    for case_id in CASES:
+        model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32).eval()
+        model = PeftModel.from_pretrained(model, str(ROOT / "adapters" / case_id)).eval()
+        for i, prompt in enumerate(prompts[case_id]):
+            with torch.inference_mode():
+                ids = model.generate(torch.tensor([prompt]), max_new_tokens=TOKENS,
+                                     do_sample=False, repetition_penalty=1.1)
+            out[case_id, i] = ids[0, len(prompt):].tolist()
+    return out
+
+
+def engine_of(setup, **options) -> BatchedEngine:
+    model, _ = setup
+    eos = model.generation_config.eos_token_id
+    engine = BatchedEngine(model, eos=set(eos if isinstance(eos, list) else [eos]), **options)
+    for case_id in CASES:
+        engine.load_adapter(case_id, ROOT / "adapters" / case_id)
+    return engine
+
+
+def run(engine: BatchedEngine, jobs: list[tuple[str, list[int]]]) -> list[list[int]]:
+    """Submit every job at once (so that they share batches), then collect each one's tokens."""
+    requests = [engine.submit(Request(prompt, case_id, 0, TOKENS, 1.1)) for case_id, prompt in jobs]
+    out = []
+    for r in requests:
+        tokens = []
+        while (item := r.tokens.get(timeout=300)) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            tokens.append(item)
+        out.append(tokens)
+    return out
+
+
+def test_one_request_generates_what_peft_generates(setup, reference):
+    engine = engine_of(setup, max_batch=1)
+    _, prompts = setup
+    for case_id in CASES:
+        assert run(engine, [(case_id, prompts[case_id][0])]) == [reference[case_id, 0]]
+
+
+def test_a_batch_mixing_cases_generates_what_each_generates_alone(setup, reference):
+    engine = engine_of(setup, max_batch=4)
+    _, prompts = setup
+    jobs = [(case_id, prompts[case_id][i]) for i in range(2) for case_id in CASES]
+    assert run(engine, jobs) == [reference[job] for job in [(c, i) for i in range(2) for c in CASES]]
+
+
+def test_the_bare_base_in_a_batch_is_not_touched_by_the_adapters(base, setup):
+    from transformers import AutoModelForCausalLM
+
+    _, prompts = setup
+    prompt = prompts[CASES[0]][0]
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=TOKENS,
+                                  do_sample=False, repetition_penalty=1.1)[0, len(prompt):].tolist()
+    engine = engine_of(setup, max_batch=2)
+    requests = [engine.submit(Request(prompt, None, 0, TOKENS, 1.1)),
+                engine.submit(Request(prompt, CASES[0], 0, TOKENS, 1.1))]
+    tokens = []
+    while (item := requests[0].tokens.get(timeout=300)) is not None:
+        tokens.append(item)
+    assert tokens == expected
+
+
+def test_a_prompt_found_in_the_prefix_cache_generates_the_same(setup, reference):
+    engine = engine_of(setup, max_batch=1)
+    _, prompts = setup
+    case_id = CASES[0]
+    prompt = prompts[case_id][1]
+    shared = next(n for n, (a, b) in enumerate(zip(prompts[case_id][0], prompt)) if a != b)
+    first = engine.submit(Request(prompts[case_id][0], case_id, shared, TOKENS, 1.1))
+    while first.tokens.get(timeout=300) is not None:
+        pass
+    second = engine.submit(Request(prompt, case_id, shared, TOKENS, 1.1))
+    tokens = []
+    while (item := second.tokens.get(timeout=300)) is not None:
+        tokens.append(item)
+    assert second.cached_tokens >= shared - shared % 16 > 0
+    assert tokens == reference[case_id, 1]
+
+
+def test_an_adapter_merged_into_the_base_generates_the_same(setup, reference):
+    engine = engine_of(setup, max_batch=2, merge=True)
+    _, prompts = setup
+    for case_id in CASES:  # one adapter per step: merged; the second case re-merges
+        assert run(engine, [(case_id, prompts[case_id][1])]) == [reference[case_id, 1]]
+    assert engine.model.merged == CASES[-1]
+
+
+def test_a_compiled_step_generates_the_same(setup, reference):
+    engine = engine_of(setup, max_batch=2, compile=True)
+    _, prompts = setup
+    jobs = [(case_id, prompts[case_id][0]) for case_id in CASES]
+    assert run(engine, jobs) == [reference[job] for job in [(c, 0) for c in CASES]]
+    assert engine._decode is not engine.model.decode  # it ran compiled, not after falling back to eager
