@@ -290,7 +290,7 @@ class _Model(torch.nn.Module):
                 last: torch.Tensor, kv_len: int, mode: str = "stacked", layer=None) -> torch.Tensor:
         """Run tokens [B, M] of rows `rows` (None: rows 0..B-1) from positions pos0 [B]; write their KV; return the
         logits [B, V] (fp32) at index `last` [B] of each row. Attention reads the first kv_len cached positions.
-        mode: see _proj; "stacked" needs slots [B], each row's adapter slot (0: none). layer: self.layer, or a
+        mode: see weights(); "stacked" needs slots [B], each row's adapter slot (0: none). layer: self.layer, or a
         compiled version of it (one compilation serves every layer: their weights are its arguments)."""
         batch, m = tokens.shape
         positions = pos0[:, None] + torch.arange(m, device=tokens.device)  # [B, M]
@@ -309,7 +309,8 @@ class _Model(torch.nn.Module):
         return F.linear(self._rms(h, self.norm), self.lm_head).float()
 
     def weights(self, i: int, mode: str) -> dict:
-        """Layer i's tensors, as _proj and layer() use them in this mode."""
+        """Layer i's tensors for a step in this mode: "base", the base alone; "merged", the base with the adapter
+        merge_into() chose merged in; "stacked", the base plus, for each row, its own adapter (_proj's mask)."""
         out = {"ln1": getattr(self, f"ln1_{i}"), "ln2": getattr(self, f"ln2_{i}")}
         for group in GROUPS:
             width = self.width(group)
