@@ -6,8 +6,9 @@
 Loads every case's adapter beside the base as the game does (game.engine.BatchedEngine), then for each batch size
 and mode ("base": no adapter; "merged": every row on one case, its adapter merged into the base; "stacked": rows on
 different cases, each applying its own adapter) times --steps decode steps as the engine runs them (a CUDA graph
-replay on CUDA) and a question's prefill, and counts the kernels of one eager step with torch.profiler. A step's time over its kernel count
-says whether the GPU is waiting on launches (a few microseconds a kernel) or on memory and arithmetic.
+replay on CUDA) and a question's prefill, and counts the kernels of one eager step with torch.profiler. A step's
+time over its kernel count says whether the GPU is waiting on launches (a few microseconds a kernel) or on memory
+and arithmetic.
 
 Prints one JSON object and writes benchmarks/results/decode_step_<device>[_compiled].json.
 """
@@ -75,7 +76,7 @@ def main(args: Arguments) -> None:
     from transformers import AutoModelForCausalLM
 
     from game.base import resolve
-    from game.engine import LENGTH_BUCKET, BatchedEngine
+    from game.engine import LENGTH_BUCKET, BatchedEngine, round_up
     from game.scenario import load_cases
 
     base = resolve(args.base)
@@ -89,7 +90,7 @@ def main(args: Arguments) -> None:
         for case_id, info in adapters.items():
             engine.load_adapter(case_id, info.path)
     names = sorted(adapters)
-    kv_len = -(-(args.context + args.prefill) // LENGTH_BUCKET) * LENGTH_BUCKET
+    kv_len = round_up(args.context + args.prefill, LENGTH_BUCKET)
     rows = []
     with engine._lock, torch.inference_mode():  # the worker thread stays idle meanwhile
         for batch in args.batches:

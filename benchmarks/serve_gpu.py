@@ -4,8 +4,8 @@
     python3 benchmarks/serve_gpu.py --device cpu --compile false --players 4 --questions 2 --fixed_tokens 16 \
         --peft_reference false
 
-Every case's adapter is loaded beside one bf16 base (adapters/<case_id>/, whichever base it was trained on, or a
-stand-in of the training recipe's shape where a case has none). Then, after a warm-up round (torch.compile and the
+Every case's adapter is loaded beside one bf16 base (adapters/<case_id>/ where the game would use it, else a
+stand-in of the training recipe's shape). Then, after a warm-up round (torch.compile and the
 CUDA graphs are built there, and timed):
 1. single stream: one player questions one case, five questions in one interrogation, the game's settings
    (greedy, stop at the end of the turn or once the answer is settled): tokens/s while decoding, time to first
@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ROOT, RESULTS, device_slug, machine, summary, versions, write_result, write_standin  # noqa: E402
+from benchmarks.common import ROOT, RESULTS, case_adapters, device_slug, machine, summary, versions, write_result  # noqa: E402
 
 WARM_UP_QUESTIONS = ["Where were you last night?", "Tell me about your evening, step by step, with times.",
                      "Did you see or hear anything unusual?", "What do you know about what happened?",
@@ -57,21 +57,13 @@ class Arguments:
 
 
 def load_adapters(suspect, cases: dict, base, args: Arguments, standins: Path) -> dict:
-    from transformers import AutoConfig
-
-    from game import adapters as adapter_files
-
-    config = AutoConfig.from_pretrained(base.path)
-    kinds = {}
-    for n, (case_id, loaded) in enumerate(sorted(cases.items())):
-        folder = args.adapters / case_id
-        info = adapter_files.inspect(args.adapters, loaded, None)  # None: whatever base it was trained on
-        if not info.usable:
-            folder = write_standin(standins / case_id, config, seed=n)
-            info = adapter_files.AdapterInfo(case_id, folder, adapter_files.Status.READY, "stand-in")
-        kinds[case_id] = ("stand-in" if info.message == "stand-in" else "trained") + (
-            "" if suspect.load_adapter(info) else " (failed to load)")
-    return kinds
+    """Load each case's adapter (a stand-in where the game would not use it: common.case_adapters) into the suspect:
+    {case_id: (its folder, "trained" or "stand-in", plus " (failed to load)" where it did not load)}."""
+    out = {}
+    for case_id, info in case_adapters(cases, base, args.adapters, standins).items():
+        kind = "stand-in" if info.message.startswith("stand-in") else "trained"
+        out[case_id] = (info.path, kind + ("" if suspect.load_adapter(info) else " (failed to load)"))
+    return out
 
 
 def interrogate(suspect, case, questions: list[str], rows: list, start: threading.Barrier | None = None) -> None:
@@ -206,7 +198,8 @@ def main(args: Arguments) -> None:
     suspect = Suspect(base, device=args.device, engine="torch", max_batch=args.players, compile=args.compile,
                       cuda_graphs=graphs)
     with tempfile.TemporaryDirectory() as standins:
-        kinds = load_adapters(suspect, loaded, base, args, Path(standins))
+        adapters = load_adapters(suspect, loaded, base, args, Path(standins))
+        kinds = {case_id: kind for case_id, (_, kind) in adapters.items()}
         open_s = time.perf_counter() - opened
 
         probes = lambda case: [p.question for p in case.probes[:args.questions]]  # noqa: E731
@@ -242,8 +235,7 @@ def main(args: Arguments) -> None:
             try:
                 del suspect
                 result["peft_mixed_batch_reference"] = peft_reference(
-                    base, cases, {c: args.adapters / c for c, kind in kinds.items() if kind == "trained"}
-                    | {c: Path(standins) / c for c, kind in kinds.items() if kind == "stand-in"},
+                    base, cases, {c: folder for c, (folder, kind) in adapters.items() if "failed" not in kind},
                     args.players, args.fixed_tokens, args.device)
             except Exception as exc:  # a reference only: its failure must not lose the figures above
                 result["peft_mixed_batch_reference"] = {"error": repr(exc)}

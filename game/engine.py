@@ -300,7 +300,7 @@ class _Model(torch.nn.Module):
         step = {"cos": self.cos[positions].unsqueeze(2), "sin": self.sin[positions].unsqueeze(2),  # [B, M, 1, D]
                 "mask": mask.repeat(1, 1, self.n_heads // self.n_kv, 1),  # [B, 1, group x M, kv_len], as layer()'s q
                 "positions": positions, "rows": torch.arange(batch, device=tokens.device) if rows is None else rows,
-                "masks": {g: getattr(self, f"lm_{g}")[slots][:, None, :] for g in GROUPS} if mode == "stacked" else None}
+                "masks": None if mode != "stacked" else {g: getattr(self, f"lm_{g}")[slots][:, None, :] for g in GROUPS}}
         h = self.embed[tokens]
         for i in range(self.n_layers):
             h = (layer or self.layer)(h, self.weights(i, mode), self.keys[i], self.values[i], step, kv_len,
@@ -313,13 +313,13 @@ class _Model(torch.nn.Module):
         merge_into() chose merged in; "stacked", the base plus, for each row, its own adapter (_proj's mask)."""
         out = {"ln1": getattr(self, f"ln1_{i}"), "ln2": getattr(self, f"ln2_{i}")}
         for group in GROUPS:
-            width = self.width(group)
             weight, bias = getattr(self, f"w_{group}_{i}"), getattr(self, f"b_{group}_{i}", None)
-            if mode != "stacked":
-                weight, bias = weight[:width], None if bias is None else bias[:width]
-            if mode == "merged":
-                weight = getattr(self, f"m_{group}_{i}")
-            out[group] = (weight, bias, getattr(self, f"lb_{group}_{i}") if mode == "stacked" else None)
+            if mode == "stacked":
+                out[group] = (weight, bias, getattr(self, f"lb_{group}_{i}"))
+                continue
+            width = self.width(group)  # the base's rows, without the adapters' A rows below them
+            weight = getattr(self, f"m_{group}_{i}") if mode == "merged" else weight[:width]
+            out[group] = (weight, None if bias is None else bias[:width], None)
         return out
 
     def layer(self, h: torch.Tensor, w: dict, kc: torch.Tensor, vc: torch.Tensor, step: dict, kv_len: int,
@@ -347,18 +347,18 @@ class _Model(torch.nn.Module):
         gate, up = _proj(self._rms(h, w["ln2"]), w["gate_up"], masks and masks["gate_up"]).chunk(2, dim=-1)
         return h + _proj(self.act(gate) * up, w["down"], masks and masks["down"])
 
-    def pick(self, logits: torch.Tensor, penalty: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Repetition penalty over every token the row has seen (as transformers applies it), then greedy."""
+    @staticmethod
+    def penalised(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+        """Repetition penalty [B] over every token each row has seen (seen [B, V]), as transformers applies it."""
         p = penalty[:, None]
-        scores = torch.where(self.seen[:batch], torch.where(logits < 0, logits * p, logits / p), logits)
-        return scores, scores.argmax(-1)
+        return torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
 
     def decode(self, tokens, pos, slots, penalty, kv_len: int, mode: str = "stacked", layer=None):
         """One decode step of rows 0..B-1: the CUDA-graphed unit."""
         batch = tokens.shape[0]
         logits = self.forward(tokens[:, None], pos, None, slots, torch.zeros_like(pos), kv_len, mode, layer)
-        scores, greedy = self.pick(logits, penalty, batch)
-        return scores, greedy
+        scores = self.penalised(logits, self.seen[:batch], penalty)
+        return scores, scores.argmax(-1)
 
 
 def _proj(x: torch.Tensor, weights: tuple, mask: torch.Tensor | None) -> torch.Tensor:
@@ -372,7 +372,7 @@ def _proj(x: torch.Tensor, weights: tuple, mask: torch.Tensor | None) -> torch.T
     return y[..., :width] + F.linear(y[..., width:] * mask, lora_b)
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
@@ -537,7 +537,7 @@ class BatchedEngine:
             model.seen[row] = False
             model.seen[row, torch.tensor(r.prompt, device=dev)] = True
         # padded to a few lengths, so that a prefill's shapes have been seen before (by cuBLAS, by the compiled layer)
-        longest = _round_up(max(len(r.prompt) - s for (_, r), s in zip(admitted, starts)), PREFILL_BUCKET)
+        longest = round_up(max(len(r.prompt) - s for (_, r), s in zip(admitted, starts)), PREFILL_BUCKET)
         tokens = torch.zeros(len(admitted), longest, dtype=torch.long)
         for j, ((_, r), s) in enumerate(zip(admitted, starts)):
             tokens[j, :len(r.prompt) - s] = torch.tensor(r.prompt[s:])
@@ -545,11 +545,10 @@ class BatchedEngine:
         pos0 = torch.tensor(starts, device=dev)
         last = torch.tensor([len(r.prompt) - s - 1 for (_, r), s in zip(admitted, starts)], device=dev)
         mode, slots = self._mode([r for _, r in admitted])
-        kv_len = min(_round_up(max(len(r.prompt) for _, r in admitted), LENGTH_BUCKET), model.max_len)
+        kv_len = min(round_up(max(len(r.prompt) for _, r in admitted), LENGTH_BUCKET), model.max_len)
         logits = self._compiled_or_eager("_prefill", tokens.to(dev), pos0, rows, slots, last, kv_len, mode)
         penalty = torch.tensor([r.repetition_penalty for _, r in admitted], device=dev)
-        p = penalty[:, None]
-        scores = torch.where(model.seen[rows], torch.where(logits < 0, logits * p, logits / p), logits)
+        scores = model.penalised(logits, model.seen[rows], penalty)
         for (row, r), s in zip(admitted, starts):
             if 0 < r.prefix_len < len(r.prompt) and s < r.prefix_len:
                 self._keep(row, r.adapter, r.prompt[:r.prefix_len])
@@ -562,7 +561,8 @@ class BatchedEngine:
             self._emit(row, r, next_tokens[j])
 
     def _mode(self, requests: list[Request | None]) -> tuple[str, torch.Tensor | None]:
-        """How a step of these requests applies adapters (_Model._proj), and each row's adapter slot if it must."""
+        """How a step of these requests applies adapters (a mode of _Model.weights), and each row's adapter slot
+        where the mode needs it."""
         model = self.model
         adapters = {r.adapter for r in requests if r is not None}
         if not model.rank or adapters == {None}:
@@ -603,7 +603,7 @@ class BatchedEngine:
         pos = torch.tensor([self._state[r]["pos"] if r is not None else 0 for r in rows], device=dev)
         penalty = torch.tensor([r.repetition_penalty if r is not None else 1.0 for r in rows], device=dev)
         longest = max(self._state[r]["pos"] for r in rows if r is not None) + 1
-        kv_len = min(_round_up(longest, LENGTH_BUCKET), model.max_len)
+        kv_len = min(round_up(longest, LENGTH_BUCKET), model.max_len)
         scores, greedy = self._decode_step(tokens, pos, penalty, kv_len, *self._mode(rows))
         chosen = self._choose(scores, rows) if any(r is not None and r.do_sample for r in rows) else greedy
         model.seen[torch.arange(batch, device=dev), chosen] = True  # free rows mark garbage: reset on admission
