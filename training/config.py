@@ -114,10 +114,12 @@ class TrainArguments:
                                                             f"{CPU_RECIPE.lr} on the CPU)."})
     # On the CPU 2 chats at a time: activations of a 5-question chat cost ~1.2 GB in fp32, so 2 keep a run under
     # ~3.5 GB (8 at once took 7.5 GB) and are no slower per token than 4 or 8.
-    batch_size: int | None = field(default=None, metadata={"help": "Chats per forward pass (default 8 on a GPU, "
-                                                                    "2 on the CPU)."})
-    grad_accum: int | None = field(default=None, metadata={"help": "Forward passes per optimizer step (default 1 on "
-                                                                    "a GPU, 2 on the CPU)."})
+    batch_size: int | None = field(default=None, metadata={"help": f"Chats per forward pass (default "
+                                                                    f"{GPU_RECIPE.batch_size} on a GPU, "
+                                                                    f"{CPU_RECIPE.batch_size} on the CPU)."})
+    grad_accum: int | None = field(default=None, metadata={"help": f"Forward passes per optimizer step (default "
+                                                                    f"{GPU_RECIPE.grad_accum} on a GPU, "
+                                                                    f"{CPU_RECIPE.grad_accum} on the CPU)."})
     # The seed recipe: short warmup, linear decay, weight decay 0.01, seed 3407.
     warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of steps spent warming up."})
     scheduler: str = field(default="linear", metadata={"help": "Learning-rate schedule."})
