@@ -47,14 +47,14 @@ def kernels_of_one_step(engine, args: tuple) -> int | None:
     if engine.device.type != "cuda":
         return None
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        engine._decode(*args)
+        engine._decode(*args)  # the step itself (compiled or eager), not its graph
         torch.cuda.synchronize()
     return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
 
 
-def time_prefill(engine, batch: int, args: Arguments, slots, mode: str, kv_len: int) -> dict:
-    """A question's prefill as the engine runs it (--prefill new tokens per row after --context cached ones): the
-    first call of its shape, then the mean of 10."""
+def time_prefill(engine, batch: int, args: Arguments, mode: str, kv_len: int) -> dict:
+    """A question's prefill as the engine runs it (--prefill new tokens per row after --context cached ones; a CUDA
+    graph where the engine would use one): the first call of its shape, then the mean of 10."""
     import torch
 
     dev = engine.device
@@ -64,7 +64,7 @@ def time_prefill(engine, batch: int, args: Arguments, slots, mode: str, kv_len: 
     times = []
     for _ in range(11):
         began = time.perf_counter()
-        engine._compiled_or_eager("_prefill", tokens, pos0, rows, slots, last, kv_len, mode)
+        engine._prefill_step(tokens, pos0, rows, last, kv_len, mode, False)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - began)
@@ -90,33 +90,35 @@ def main(args: Arguments) -> None:
         for case_id, info in adapters.items():
             engine.load_adapter(case_id, info.path)
     names = sorted(adapters)
-    kv_len = round_up(args.context + args.prefill, LENGTH_BUCKET)
+    kv_len = round_up(args.context + max(args.prefill, args.steps + 2), LENGTH_BUCKET)  # every timed step fits
     rows = []
     with engine._lock, torch.inference_mode():  # the worker thread stays idle meanwhile
         for batch in args.batches:
             for mode in ("base", "merged", "stacked"):
-                tokens = torch.randint(0, model.config.vocab_size, (batch,), device=args.device)
-                pos = torch.full((batch,), args.context, device=args.device)
-                penalty = torch.full((batch,), 1.1, device=args.device)
-                slots = None
+                # each row's state, as admission leaves it: rows take the cases in turn, as players do
+                m = engine.model
+                m.next_token[:batch] = torch.randint(0, model.config.vocab_size, (batch,))
+                m.penalty[:batch] = 1.1
+                cases = [names[0] if mode == "merged" else names[i % len(names)] for i in range(batch)]
+                m.slot[:batch] = torch.tensor([0 if mode == "base" else m.slots[c] for c in cases])
                 if mode == "merged":
-                    engine.model.merge_into(names[0])
-                if mode == "stacked":  # rows take the cases in turn, as players do
-                    slots = torch.tensor([engine.model.slots[names[i % len(names)]] for i in range(batch)],
-                                         device=args.device)
+                    m.merge_into(names[0])
+                step = (batch, kv_len, mode, False)
                 began = time.perf_counter()
-                engine._decode_step(tokens, pos, penalty, kv_len, mode, slots)  # compiles/captures
+                m.position[:batch] = args.context
+                engine._decode_step(*step)  # compiles/captures
                 warm_s = time.perf_counter() - began
+                m.position[:batch] = args.context  # each step advances it: the timed ones stay inside kv_len
                 if cuda:
                     torch.cuda.synchronize()
                 began = time.perf_counter()
                 for _ in range(args.steps):
-                    engine._decode_step(tokens, pos, penalty, kv_len, mode, slots)
+                    engine._decode_step(*step)
                 if cuda:
                     torch.cuda.synchronize()
                 step_s = (time.perf_counter() - began) / args.steps
-                kernels = kernels_of_one_step(engine, (tokens, pos, slots, penalty, kv_len, mode))
-                prefill_ms = time_prefill(engine, batch, args, slots, mode, kv_len)
+                kernels = kernels_of_one_step(engine, step)
+                prefill_ms = time_prefill(engine, batch, args, mode, kv_len)
                 row = {"batch": batch, "mode": mode, "step_ms": round(step_s * 1e3, 3),
                        "tokens_per_s": round(batch / step_s, 1), "kernels_per_step": kernels,
                        "us_per_kernel": round(step_s * 1e6 / kernels, 2) if kernels else None,

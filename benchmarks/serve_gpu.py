@@ -50,6 +50,8 @@ class Arguments:
     switch_interval: float = field(default=0.0, metadata={"help": "sys.setswitchinterval for this run (seconds); "
                                                                  "0: Python's own (5 ms)."})
     cuda_graphs: bool = field(default=True, metadata={"help": "Replay decode steps as CUDA graphs."})
+    overlap: bool = field(default=True, metadata={"help": "Launch each step before handing out the last one's tokens "
+                                                         "(the game's default on CUDA)."})
     peft_reference: bool = field(default=True, metadata={"help": "Also time peft's mixed-adapter generate."})
     scenarios: Path = field(default=ROOT / "scenarios", metadata={"help": "Folder of case files."})
     adapters: Path = field(default=ROOT / "adapters", metadata={"help": "Folder of trained adapters."})
@@ -196,7 +198,7 @@ def main(args: Arguments) -> None:
     opened = time.perf_counter()
     graphs = args.cuda_graphs and args.device.startswith("cuda")
     suspect = Suspect(base, device=args.device, engine="torch", max_batch=args.players, compile=args.compile,
-                      cuda_graphs=graphs)
+                      cuda_graphs=graphs, overlap=args.overlap)
     with tempfile.TemporaryDirectory() as standins:
         adapters = load_adapters(suspect, loaded, base, args, Path(standins))
         kinds = {case_id: kind for case_id, (_, kind) in adapters.items()}
@@ -218,7 +220,8 @@ def main(args: Arguments) -> None:
             "settings": {"engine": suspect.engine_name, "base": args.base, "dtype": "bfloat16" if
                          args.device.startswith("cuda") else "float32", "compile": suspect._engine.compile,
                          "switch_interval_s": sys.getswitchinterval(),
-                         "cuda_graphs": suspect._engine.cuda_graphs, "players": args.players,
+                         "cuda_graphs": suspect._engine.cuda_graphs, "overlap": suspect._engine.overlap,
+                         "players": args.players,
                          "questions_per_player": args.questions, "fixed_tokens": args.fixed_tokens,
                          "generation": dataclasses.asdict(GenerationSettings()), "adapters": kinds,
                          "cases": [c.id for c in cases]},
@@ -240,7 +243,7 @@ def main(args: Arguments) -> None:
             except Exception as exc:  # a reference only: its failure must not lose the figures above
                 result["peft_mixed_batch_reference"] = {"error": repr(exc)}
     slug = device_slug(args.device)
-    write_result(f"serve_gpu_{slug}{'' if args.compile else '_eager'}"
+    write_result(f"serve_gpu_{slug}{'' if args.compile else '_eager'}{'' if args.overlap else '_no_overlap'}"
                  f"{f'_switch{args.switch_interval:g}' if args.switch_interval else ''}", result, args.out)
 
 

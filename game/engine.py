@@ -8,8 +8,10 @@ and punica), so a batch mixes cases without splitting it; a step serving one cas
 merged into the base. The KV of each case's system prompt (and of each conversation so far) is kept and copied
 into a new request's row instead of being computed again.
 
-On CUDA each decode step is replayed as a CUDA graph, one per (batch, length, mode) bucket, of a torch.compile'd
-layer; on a CPU it runs eagerly. Each falls back to plain eager torch where it fails.
+On CUDA each decode step (and each question's prefill) is replayed as a CUDA graph, one per (batch, length, mode)
+bucket, of a torch.compile'd layer, and each step is launched before the previous step's tokens are handed out: each
+row's next token and position stay on the GPU, where the step writes them. On a CPU it all runs eagerly, one step
+after the other. Each falls back to plain eager torch where it fails.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ _LORA_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.w
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LENGTH_BUCKET = 256  # the decode step attends over a multiple of this, not over the whole cache
 PREFILL_BUCKET = 16  # a prefill runs a multiple of this many tokens per row (the padding's KV is never attended)
+PREFILL_GRAPH_TOKENS = 64  # prefills up to this many tokens a row (a question; not a system prompt) replay graphs,
+PREFILL_GRAPH_BUCKET = 32  # padded to a multiple of this: with the batch buckets, a few dozen graphs serve them all
 
 
 class AdapterError(ValueError):
@@ -65,7 +69,9 @@ class Request:
 class PrefixCache:
     """KV already computed for token sequences (a case's system prompt; a conversation so far, answer included),
     per adapter, least recently used first out within a byte budget. A prompt reuses its longest cached prefix:
-    the next question of a conversation recomputes only the cleaned answer's tail and the new question.
+    the next question of a conversation recomputes only the cleaned answer's tail and the new question. Entries put
+    with pin (a case's system prompt: one per case, and every new game starts from it) are never pushed out by
+    conversations.
 
     Lookup goes through chained hashes of 16-token blocks (as vLLM's prefix caching does), not a scan of entries."""
 
@@ -75,7 +81,10 @@ class PrefixCache:
         self.budget = budget_bytes
         self.used = 0
         self._entries: OrderedDict[tuple, tuple[object, int, list]] = OrderedDict()  # key -> (kv, bytes, hashes)
-        self._index: dict[tuple, tuple] = {}  # (adapter, hash of the first i blocks) -> the newest entry with them
+        self._pinned: set[tuple] = set()
+        # (adapter, hash of the first i blocks) -> the entries with them, newest last (an ordered set: when one goes,
+        # the others, a pinned system prompt say, can still be found)
+        self._index: dict[tuple, dict[tuple, None]] = {}
 
     def _hashes(self, tokens) -> list[int]:
         h, out = 0, []
@@ -88,9 +97,10 @@ class PrefixCache:
         """The entry sharing the longest prefix with tokens, and that prefix's length."""
         hashes = self._hashes(tokens)
         for blocks in range(len(hashes), 0, -1):
-            key = self._index.get((adapter, hashes[blocks - 1]))
+            keys = self._index.get((adapter, hashes[blocks - 1]))
+            key = next(reversed(keys)) if keys else None
             n = blocks * self.BLOCK
-            if key is not None and key in self._entries and key[1][:n] == tuple(tokens[:n]):
+            if key is not None and key[1][:n] == tuple(tokens[:n]):
                 return key, n + _common_prefix(key[1][n:], tokens[n:])
         return None, 0
 
@@ -98,7 +108,7 @@ class PrefixCache:
         self._entries.move_to_end(key)
         return self._entries[key][0]
 
-    def put(self, adapter: str | None, tokens: list[int], kv, nbytes: int) -> None:
+    def put(self, adapter: str | None, tokens: list[int], kv, nbytes: int, pin: bool = False) -> None:
         key = (adapter, tuple(tokens))
         if key in self._entries or nbytes > self.budget or len(tokens) < self.BLOCK:
             return
@@ -106,15 +116,23 @@ class PrefixCache:
         self._entries[key] = (kv, nbytes, hashes)
         self.used += nbytes
         for h in hashes:
-            self._index[adapter, h] = key
+            self._index.setdefault((adapter, h), {})[key] = None
+        if pin:
+            self._pinned.add(key)
         while self.used > self.budget:
-            self._remove(next(iter(self._entries)))
+            oldest = next((k for k in self._entries if k not in self._pinned), None)
+            if oldest is None:
+                break
+            self._remove(oldest)
 
     def _remove(self, key: tuple) -> None:
         _, nbytes, hashes = self._entries.pop(key)
+        self._pinned.discard(key)
         self.used -= nbytes
         for h in hashes:
-            if self._index.get((key[0], h)) == key:
+            keys = self._index[key[0], h]
+            del keys[key]
+            if not keys:
                 del self._index[key[0], h]
 
     def drop(self, adapter: str | None) -> None:
@@ -220,11 +238,22 @@ class _Model(torch.nn.Module):
         half = self.head_dim // 2
         buf("cos", cos[0])
         buf("sin", torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1))
-        # every layer's KV in one tensor: a row's cached prefix is copied in (and kept) in one operation, not 2 a layer
-        shape = (self.n_layers, max_batch, self.n_kv, max_len, self.head_dim)
-        buf("keys", torch.zeros(shape, dtype=self.dtype, device=self.device))
-        buf("values", torch.zeros(shape, dtype=self.dtype, device=self.device))
-        buf("seen", torch.zeros(max_batch, weight.shape[0], dtype=torch.bool, device=self.device))
+        # every layer's KV in one tensor: a row's cached prefix is copied in (and kept) in one operation, not 2 a layer.
+        # One row more than the batch: the filler entries of a prefill padded to a batch bucket write there.
+        self.scratch = max_batch
+        rows, dev = max_batch + 1, self.device
+        shape = (self.n_layers, rows, self.n_kv, max_len, self.head_dim)
+        buf("keys", torch.zeros(shape, dtype=self.dtype, device=dev))
+        buf("values", torch.zeros(shape, dtype=self.dtype, device=dev))
+        # Each row's state between steps lives on the device, where the step itself updates it, so that the next
+        # step can be launched before this one's tokens have been read back: the token to feed next, its position,
+        # every token seen (for the repetition penalty), and the row's own settings.
+        buf("next_token", torch.zeros(rows, dtype=torch.long, device=dev))
+        buf("position", torch.zeros(rows, dtype=torch.long, device=dev))
+        buf("seen", torch.zeros(rows, weight.shape[0], dtype=torch.bool, device=dev))
+        buf("penalty", torch.ones(rows, device=dev))
+        buf("slot", torch.zeros(rows, dtype=torch.long, device=dev))
+        buf("sample", torch.zeros(rows, dtype=torch.bool, device=dev))
         self.rank = 0  # padded LoRA rank of the stacks; 0: no adapter loaded, no LoRA work at all
         self.adapters: dict[str, dict] = {}  # name -> read_lora() output
         self.slots: dict[str, int] = {}  # name -> slot in the stacks (slot 0: no adapter)
@@ -353,12 +382,43 @@ class _Model(torch.nn.Module):
         p = penalty[:, None]
         return torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
 
-    def decode(self, tokens, pos, slots, penalty, kv_len: int, mode: str = "stacked", layer=None):
-        """One decode step of rows 0..B-1: the CUDA-graphed unit."""
-        batch = tokens.shape[0]
-        logits = self.forward(tokens[:, None], pos, None, slots, torch.zeros_like(pos), kv_len, mode, layer)
-        scores = self.penalised(logits, self.seen[:batch], penalty)
-        return scores, scores.argmax(-1)
+    @staticmethod
+    def choose(scores: torch.Tensor, sample: torch.Tensor | None) -> torch.Tensor:
+        """Each row's next token: the best, or where sample [B] is set, a draw with transformers' sampling defaults
+        (temperature 1, top-k 50), made on the device (Gumbel-max over the top 50) so that a CUDA graph holds it."""
+        best = scores.argmax(-1)
+        if sample is None:
+            return best
+        top = scores.topk(50)
+        gumbel = -torch.log(-torch.log(torch.rand_like(top.values).clamp_(min=1e-20)))
+        drawn = top.indices.gather(-1, (top.values + gumbel).argmax(-1, keepdim=True))[:, 0]
+        return torch.where(sample, drawn, best)
+
+    def _advance(self, rows: torch.Tensor, logits: torch.Tensor, position: torch.Tensor, sampling: bool):
+        """Choose rows' next tokens from their logits and make them the rows' state."""
+        chosen = self.choose(self.penalised(logits, self.seen[rows], self.penalty[rows]),
+                             self.sample[rows] if sampling else None)
+        self.seen[rows, chosen] = torch.ones_like(chosen, dtype=torch.bool)  # a device True: a CUDA graph holds it
+        self.next_token[rows] = chosen
+        self.position[rows] = position
+        return chosen
+
+    def prefill(self, tokens, pos0, rows, last, kv_len: int, mode: str, sampling: bool, layer=None):
+        """Run prompts (forward's arguments) into rows, whose seen, penalty, slot and sample are already set; each
+        row's first new token becomes its state. Returns the chosen tokens [B]."""
+        logits = self.forward(tokens, pos0, rows, self.slot[rows], last, kv_len, mode, layer)
+        return self._advance(rows, logits, pos0 + last + 1, sampling)
+
+    def decode(self, batch: int, kv_len: int, mode: str, sampling: bool, layer=None):
+        """One step of rows 0..batch-1 from their state, which it advances: the CUDA-graphed unit. Returns the
+        chosen tokens [batch]."""
+        tokens, pos = self.next_token[:batch], self.position[:batch]
+        logits = self.forward(tokens[:, None], pos, None, self.slot[:batch], torch.zeros_like(pos), kv_len, mode, layer)
+        return self._advance(torch.arange(batch, device=pos.device), logits, pos + 1, sampling)
+
+    def state(self) -> tuple[torch.Tensor, ...]:
+        """What a step changes besides the KV (which a step repeated with the same inputs rewrites alike)."""
+        return self.next_token, self.position, self.seen
 
 
 def _proj(x: torch.Tensor, weights: tuple, mask: torch.Tensor | None) -> torch.Tensor:
@@ -424,28 +484,35 @@ class BatchedEngine:
     """A worker thread generating for every queued request, batched. Thread-safe."""
 
     def __init__(self, hf_model, eos: set[int], max_batch: int = 1, max_len: int = 2048, compile: bool | None = None,
-                 cuda_graphs: bool | None = None, kv_cache_mb: int | None = None, merge: bool | None = None):
+                 cuda_graphs: bool | None = None, kv_cache_mb: int | None = None, merge: bool | None = None,
+                 overlap: bool | None = None):
         """On a GPU a step is a few hundred tiny kernels, and their launches are what it costs
-        (benchmarks/decode_step.py): so by default on CUDA, each decode step is replayed as a CUDA graph (no launch
-        from Python), the layer is compiled (torch.compile fuses its elementwise work: ~40% fewer kernels), and
-        merge keeps a copy of the base with one adapter merged in, for steps that serve that adapter alone (no LoRA
-        kernels at all; it costs one more copy of the projection weights). On a CPU, where the arithmetic is the cost,
-        none of them pays: plain eager torch."""
+        (benchmarks/decode_step.py): so by default on CUDA, each decode step and each short prefill is replayed as a
+        CUDA graph (no launch from Python), the layer is compiled (torch.compile fuses its elementwise work: ~40%
+        fewer kernels), merge keeps a copy of the base with one adapter merged in, for steps that serve that adapter
+        alone (no LoRA kernels at all; it costs one more copy of the projection weights), and overlap launches each
+        step before handing out the previous step's tokens, so that the GPU does not wait for Python between steps
+        (a finished answer costs one step computed in vain). On a CPU, where the arithmetic is the cost, none of
+        them pays: plain eager torch."""
         on_cuda = next(hf_model.parameters()).device.type == "cuda"
         self.model = _Model(hf_model, max_batch, max_len, merge=on_cuda if merge is None else merge)
         self.eos = eos
         self.device = self.model.device
         self.compile = on_cuda if compile is None else compile
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        self.overlap = on_cuda if overlap is None else overlap
         self.buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
-        self._decode, self._prefill = self.model.decode, self.model.forward
+        self._decode, self._prefill = self.model.decode, self.model.prefill
         if self.compile:  # one compiled layer serves every layer (their weights are its arguments), batch and length
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             layer = torch.compile(self.model.layer, dynamic=True)
             self._decode = functools.partial(self.model.decode, layer=layer)
-            self._prefill = functools.partial(self.model.forward, layer=layer)
-        self._graphs: dict[tuple, dict] = {}  # (batch, kv_len, mode) -> captured decode step
+            self._prefill = functools.partial(self.model.prefill, layer=layer)
+        self._graphs: dict[tuple, dict] = {}  # ("decode" | "prefill", shapes..., mode, sampling) -> captured step
         self._pool = None
+        # where a step's tokens land for the worker to read, two in turn: one being written while the other is read
+        self._landing = [torch.zeros(max_batch, dtype=torch.long, pin_memory=on_cuda) for _ in range(2)]
+        self._pending: tuple | None = None  # a launched step whose tokens are not handed out yet (overlap)
         self._queue: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._lock = threading.Lock()  # the worker's step vs. load_adapter
         self._rows: list[Request | None] = [None] * max_batch
@@ -463,6 +530,8 @@ class BatchedEngine:
     def load_adapter(self, name: str, folder: Path) -> None:
         weights = read_lora(folder, self.model.n_layers, self.model.shapes)
         with self._lock:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # a launched step may still read the stacks being replaced
             self.model.set_adapter(name, weights)
             self._graphs.clear()  # they read the old stacks
             self._cache.drop(name)
@@ -478,27 +547,31 @@ class BatchedEngine:
     # --- the worker -----------------------------------------------------------------------------------------------
 
     def work(self) -> None:
-        """Admit what is queued and run one decode step; when idle, wait a moment for work."""
+        """Admit what is queued, launch one decode step and hand out the previous one's tokens (or this one's, without
+        overlap); when idle, wait a moment for work."""
         active = any(r is not None for r in self._rows)
         try:
-            first = self._queue.get(timeout=IDLE_POLL_S) if not active and not self._waiting else self._queue.get_nowait()
-            self._waiting.append(first)
+            busy = active or self._waiting or self._pending
+            self._waiting.append(self._queue.get_nowait() if busy else self._queue.get(timeout=IDLE_POLL_S))
             while True:
                 self._waiting.append(self._queue.get_nowait())
         except queue.Empty:
             pass
-        if self._waiting or active:
+        if self._waiting or active or self._pending:
             try:
                 with self._lock, torch.inference_mode():
                     self._admit()
-                    if any(r is not None for r in self._rows):
-                        self._step()
+                    launched = self._launch() if any(r is not None for r in self._rows) else None
+                    if self.overlap:
+                        launched, self._pending = self._pending, launched
+                    if launched is not None:
+                        self._hand_out(*launched)
             except Exception as exc:  # fail every request in flight rather than hang the players
                 log.exception("generation failed")
                 for r in [r for r in self._rows if r is not None] + self._waiting:
                     r.tokens.put(exc)
                 self._rows = [None] * len(self._rows)
-                self._waiting, self._state = [], {}
+                self._waiting, self._state, self._pending = [], {}, None
 
     def _finish(self, request: Request, row: int | None) -> None:
         request.tokens.put(None)
@@ -506,12 +579,12 @@ class BatchedEngine:
         if row is not None:
             self._rows[row] = None
             if state is not None and not request.background:  # the conversation so far, for its next question
-                self._keep(row, request.adapter, (request.prompt + state["tokens"])[:state["pos"]])
+                self._keep(row, request.adapter, (request.prompt + state["tokens"])[:-1])  # the last was never fed
 
-    def _keep(self, row: int, adapter: str | None, tokens: list[int]) -> None:
+    def _keep(self, row: int, adapter: str | None, tokens: list[int], pin: bool = False) -> None:
         n, model = len(tokens), self.model
         kv = model.keys[:, row, :, :n].clone(), model.values[:, row, :, :n].clone()
-        self._cache.put(adapter, tokens, kv, kv[0].nbytes + kv[1].nbytes)
+        self._cache.put(adapter, tokens, kv, kv[0].nbytes + kv[1].nbytes, pin)
 
     def _admit(self) -> None:
         """Prefill waiting requests into free rows (all in one batch), and emit their first tokens."""
@@ -523,7 +596,8 @@ class BatchedEngine:
         if not admitted:
             return
         self._waiting = self._waiting[len(admitted):]
-        model, dev = self.model, self.device
+        model = self.model
+        requests = [r for _, r in admitted]
         starts = []
         for row, r in admitted:
             key, start = self._cache.longest(r.adapter, r.prompt)
@@ -534,136 +608,169 @@ class BatchedEngine:
                 model.values[:, row, :, :start] = values[:, :, :start]
             r.cached_tokens = start
             starts.append(start)
-            model.seen[row] = False
-            model.seen[row, torch.tensor(r.prompt, device=dev)] = True
-        # padded to a few lengths, so that a prefill's shapes have been seen before (by cuBLAS, by the compiled layer)
-        longest = round_up(max(len(r.prompt) - s for (_, r), s in zip(admitted, starts)), PREFILL_BUCKET)
-        tokens = torch.zeros(len(admitted), longest, dtype=torch.long)
-        for j, ((_, r), s) in enumerate(zip(admitted, starts)):
+        batch, longest = self._prefill_shape(len(admitted), max(len(r.prompt) - s for r, s in zip(requests, starts)))
+        tokens = torch.zeros(batch, longest, dtype=torch.long)
+        rows = torch.full((batch,), model.scratch)
+        for j, ((row, r), s) in enumerate(zip(admitted, starts)):
             tokens[j, :len(r.prompt) - s] = torch.tensor(r.prompt[s:])
-        rows = torch.tensor([row for row, _ in admitted], device=dev)
-        pos0 = torch.tensor(starts, device=dev)
-        last = torch.tensor([len(r.prompt) - s - 1 for (_, r), s in zip(admitted, starts)], device=dev)
-        mode, slots = self._mode([r for _, r in admitted])
-        kv_len = min(round_up(max(len(r.prompt) for _, r in admitted), LENGTH_BUCKET), model.max_len)
-        logits = self._compiled_or_eager("_prefill", tokens.to(dev), pos0, rows, slots, last, kv_len, mode)
-        penalty = torch.tensor([r.repetition_penalty for _, r in admitted], device=dev)
-        scores = model.penalised(logits, model.seen[rows], penalty)
+            rows[j] = row
+        pos0 = torch.tensor(starts + [0] * (batch - len(admitted)))
+        last = torch.tensor([len(r.prompt) - s - 1 for r, s in zip(requests, starts)] + [0] * (batch - len(admitted)))
+        placed = self._to_device(rows[:len(admitted)])
+        model.penalty[placed] = self._to_device(torch.tensor([r.repetition_penalty for r in requests]))
+        model.slot[placed] = self._to_device(torch.tensor([model.slots.get(r.adapter, 0) for r in requests]))
+        model.sample[placed] = self._to_device(torch.tensor([r.do_sample for r in requests]))
+        model.seen[placed] = False
+        model.seen[self._to_device(torch.tensor([row for row, r in admitted for _ in r.prompt])),
+                   self._to_device(torch.tensor([t for r in requests for t in r.prompt]))] = True
+        mode, sampling = self._mode(requests), any(r.do_sample for r in requests)
+        kv_len = min(round_up(max(len(r.prompt) for r in requests), LENGTH_BUCKET), model.max_len)
+        chosen = self._prefill_step(*map(self._to_device, (tokens, pos0, rows, last)), kv_len, mode, sampling)
         for (row, r), s in zip(admitted, starts):
             if 0 < r.prefix_len < len(r.prompt) and s < r.prefix_len:
-                self._keep(row, r.adapter, r.prompt[:r.prefix_len])
-        chosen = self._choose(scores, [r for _, r in admitted])
-        model.seen[rows, chosen] = True
-        next_tokens = chosen.tolist()
-        for j, (row, r) in enumerate(admitted):
+                self._keep(row, r.adapter, r.prompt[:r.prefix_len], pin=True)
+        for (row, r), token in zip(admitted, chosen[:len(admitted)].tolist()):
             self._rows[row] = r
-            self._state[r] = {"pos": len(r.prompt), "n": 0, "tokens": []}
-            self._emit(row, r, next_tokens[j])
+            self._state[r] = {"pos": len(r.prompt), "tokens": []}
+            self._emit(row, r, token)
 
-    def _mode(self, requests: list[Request | None]) -> tuple[str, torch.Tensor | None]:
-        """How a step of these requests applies adapters (a mode of _Model.weights), and each row's adapter slot
-        where the mode needs it."""
+    def _to_device(self, cpu: torch.Tensor) -> torch.Tensor:
+        """A copy on the model's device that does not wait for the steps already launched (a plain copy would)."""
+        if self.device.type != "cuda":
+            return cpu
+        return cpu.pin_memory().to(self.device, non_blocking=True)
+
+    def _mode(self, requests: list[Request | None]) -> str:
+        """How a step of these requests applies adapters (a mode of _Model.weights)."""
         model = self.model
         adapters = {r.adapter for r in requests if r is not None}
         if not model.rank or adapters == {None}:
-            return "base", None
+            return "base"
         if model.merge and len(adapters) == 1:
             (name,) = adapters
             if model.merged != name:
                 model.merge_into(name)
-            return "merged", None
-        return "stacked", torch.tensor([model.slots.get(r.adapter, 0) if r is not None else 0 for r in requests],
-                                       device=self.device)
-
-    def _choose(self, scores: torch.Tensor, requests: list[Request | None]) -> torch.Tensor:
-        chosen = scores.argmax(-1)
-        for j, r in enumerate(requests):
-            if r is not None and r.do_sample:  # transformers' sampling defaults: temperature 1, top-k 50
-                top = scores[j].topk(50)
-                chosen[j] = top.indices[torch.multinomial(top.values.softmax(-1), 1)]
-        return chosen
+            return "merged"
+        return "stacked"
 
     def _emit(self, row: int, r: Request, token: int) -> None:
-        state = self._state[r]
-        state["n"] += 1
-        state["last"] = token
-        state["tokens"].append(token)
+        tokens = self._state[r]["tokens"]
+        tokens.append(token)
         if r.first_token is None:
             r.first_token = time.perf_counter()
         r.tokens.put(token)
-        if token in self.eos or state["n"] >= r.max_new_tokens or r.cancelled.is_set():
+        if token in self.eos or len(tokens) >= r.max_new_tokens or r.cancelled.is_set():
             self._finish(r, row)
 
-    def _step(self) -> None:
-        model, dev = self.model, self.device
+    def _launch(self) -> tuple[list, torch.Tensor, torch.cuda.Event | None]:
+        """Launch one decode step of every active row. Returns what _hand_out needs once it is done: the rows'
+        requests, where their tokens land, and (on CUDA) the event that says they have landed."""
         top = max(i for i, r in enumerate(self._rows) if r is not None) + 1
         batch = _bucket(top, self.buckets)
         rows = self._rows[:batch] + [None] * (batch - len(self._rows[:batch]))
-        tokens = torch.tensor([self._state[r]["last"] if r is not None else 0 for r in rows], device=dev)
-        pos = torch.tensor([self._state[r]["pos"] if r is not None else 0 for r in rows], device=dev)
-        penalty = torch.tensor([r.repetition_penalty if r is not None else 1.0 for r in rows], device=dev)
-        longest = max(self._state[r]["pos"] for r in rows if r is not None) + 1
-        kv_len = min(round_up(longest, LENGTH_BUCKET), model.max_len)
-        scores, greedy = self._decode_step(tokens, pos, penalty, kv_len, *self._mode(rows))
-        chosen = self._choose(scores, rows) if any(r is not None and r.do_sample for r in rows) else greedy
-        model.seen[torch.arange(batch, device=dev), chosen] = True  # free rows mark garbage: reset on admission
-        chosen = chosen.tolist()
-        for row, r in enumerate(rows):
-            if r is not None:
-                self._state[r]["pos"] += 1
-                self._emit(row, r, chosen[row])
+        active = [r for r in rows if r is not None]
+        longest = max(self._state[r]["pos"] for r in active) + 1
+        kv_len = min(round_up(longest, LENGTH_BUCKET), self.model.max_len)
+        chosen = self._decode_step(batch, kv_len, self._mode(active), any(r.do_sample for r in active))
+        for r in active:
+            self._state[r]["pos"] += 1
+        self._landing.reverse()
+        landing = self._landing[0][:batch]
+        landing.copy_(chosen, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return rows, landing, event
+
+    def _hand_out(self, rows: list, landing: torch.Tensor, event) -> None:
+        """Give each row's request its token from a launched step; rows whose request finished meanwhile (or was
+        replaced by a newer one) drop theirs."""
+        if event is not None:
+            event.synchronize()
+        for row, (r, token) in enumerate(zip(rows, landing.tolist())):
+            if r is not None and r in self._state and self._rows[row] is r:
+                self._emit(row, r, token)
 
     # --- compilation and CUDA graphs, each falling back to plain eager torch if it fails here ---------------------
 
+    def _decode_step(self, batch: int, kv_len: int, mode: str, sampling: bool) -> torch.Tensor:
+        """_Model.decode as this engine runs it: a CUDA graph, else compiled or eager."""
+        args = (batch, kv_len, mode, sampling)
+        if self.cuda_graphs:
+            return self._replay(("decode", *args), "_decode", {}, *args)
+        return self._compiled_or_eager("_decode", *args)
+
+    def _prefill_shape(self, rows: int, tokens_per_row: int) -> tuple[int, int]:
+        """The padded shape a prefill of this many rows and new tokens runs at: a few lengths, so that its shapes have
+        been seen before (by cuBLAS, by the compiled layer); for a CUDA graph, also a batch bucket (filler entries run
+        in the scratch row) and coarser lengths, so that few graphs serve every question."""
+        if self.cuda_graphs and tokens_per_row <= PREFILL_GRAPH_TOKENS:
+            return _bucket(rows, self.buckets), round_up(tokens_per_row, PREFILL_GRAPH_BUCKET)
+        return rows, round_up(tokens_per_row, PREFILL_BUCKET)
+
+    def _prefill_step(self, tokens, pos0, rows, last, kv_len: int, mode: str, sampling: bool) -> torch.Tensor:
+        """_Model.prefill as this engine runs it: a CUDA graph for a question's few tokens, else compiled or eager."""
+        if self.cuda_graphs and tokens.shape[1] <= PREFILL_GRAPH_TOKENS:
+            # attention reads the whole cache (masked past each row's end: a question's few rows make that cheap), so
+            # that the conversations' lengths add no graphs
+            args = (self.model.max_len, mode, sampling)
+            return self._replay(("prefill", *tokens.shape, *args), "_prefill",
+                                {"tokens": tokens, "pos0": pos0, "rows": rows, "last": last}, *args)
+        return self._compiled_or_eager("_prefill", tokens, pos0, rows, last, kv_len, mode, sampling)
+
     def _compiled_or_eager(self, name: str, *args):
         """Run self._decode or self._prefill; where the compiled version fails, switch to the eager one for good."""
-        fn, eager = getattr(self, name), getattr(self.model, "decode" if name == "_decode" else "forward")
+        fn, eager = getattr(self, name), getattr(self.model, name.removeprefix("_"))
         try:
             return fn(*args)
         except Exception:
-            if fn is eager:
+            if fn == eager:
                 raise
             log.exception("torch.compile failed: %s runs eagerly", name)
             setattr(self, name, eager)
             return eager(*args)
 
-    def _decode_step(self, tokens, pos, penalty, kv_len: int, mode: str, slots):
-        if not self.cuda_graphs:
-            return self._compiled_or_eager("_decode", tokens, pos, slots, penalty, kv_len, mode)
-        key = (tokens.shape[0], kv_len, mode)
+    def _replay(self, key: tuple, name: str, inputs: dict[str, torch.Tensor], *args):
+        """Run self._decode or self._prefill (name) on device tensor inputs (copied into the graph's own) and args as
+        the CUDA graph of this key, captured on first use."""
         graph = self._graphs.get(key)
         if graph is None:
             try:
-                graph = self._graphs[key] = self._capture(tokens, pos, slots, penalty, kv_len, mode)
+                graph = self._graphs[key] = self._capture(name, inputs, args)
             except Exception:
-                if self._decode is not self.model.decode:  # the compiled step would not capture: the eager one may
-                    log.exception("CUDA graph capture of the compiled step failed: capturing the eager step")
-                    self._decode = self.model.decode
-                    return self._decode_step(tokens, pos, penalty, kv_len, mode, slots)
-                log.exception("CUDA graph capture failed: decoding without graphs")
+                fn = getattr(self, name)
+                eager = getattr(self.model, name.removeprefix("_"))
+                if fn != eager:  # the compiled step would not capture: the eager one may
+                    log.exception("CUDA graph capture of the compiled %s failed: capturing the eager one", name)
+                    setattr(self, name, eager)
+                    return self._replay(key, name, inputs, *args)
+                log.exception("CUDA graph capture failed: running without graphs")
                 self.cuda_graphs = False
-                return self._decode(tokens, pos, slots, penalty, kv_len, mode)
-        for name, value in (("tokens", tokens), ("pos", pos), ("slots", slots), ("penalty", penalty)):
-            if value is not None:
-                graph[name].copy_(value)
+                return eager(*inputs.values(), *args)
+        for input_name, value in inputs.items():
+            graph["inputs"][input_name].copy_(value)
         graph["graph"].replay()
-        return graph["scores"], graph["greedy"]
+        return graph["output"]
 
-    def _capture(self, tokens, pos, slots, penalty, kv_len: int, mode: str) -> dict:
-        """Record one decode step of this batch, length and mode as a CUDA graph. The warm-up runs are the real step
-        (these inputs, these rows): they write the same KV the step itself writes, so capturing mid-serving is safe."""
-        static = {"tokens": tokens.clone(), "pos": pos.clone(), "penalty": penalty.clone(),
-                  "slots": None if slots is None else slots.clone()}
-        args = (static["tokens"], static["pos"], static["slots"], static["penalty"], kv_len, mode)
+    def _capture(self, name: str, inputs: dict[str, torch.Tensor], args: tuple) -> dict:
+        """Record self._decode or self._prefill as a CUDA graph. The warm-up runs are the real step (these inputs,
+        these rows): they write the KV the step itself writes, and the rows' state is put back after them, so that
+        capturing mid-serving is safe."""
+        model = self.model
+        static = {key: value.clone() for key, value in inputs.items()}
+        saved = [t.clone() for t in model.state()]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._compiled_or_eager("_decode", *args)
+                self._compiled_or_eager(name, *static.values(), *args)
         torch.cuda.current_stream().wait_stream(side)
+        for t, before in zip(model.state(), saved):
+            t.copy_(before)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._pool):
-            scores, greedy = self._decode(*args)
-        return static | {"graph": graph, "scores": scores, "greedy": greedy}
+            output = getattr(self, name)(*static.values(), *args)
+        return {"graph": graph, "inputs": static, "output": output}

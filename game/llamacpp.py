@@ -209,15 +209,15 @@ class LlamaCppEngine:
         self.llm._ctx.kv_cache_seq_rm(0, n, -1)
         self.llm.n_tokens = n
 
-    def _save(self, adapter: str | None) -> tuple:
-        """Keep the context's KV (sequence 0: all there is) under its tokens."""
+    def _save(self, adapter: str | None, pin: bool = False) -> tuple:
+        """Keep the context's KV (sequence 0: all there is) under its tokens (pin: a system prompt; PrefixCache)."""
         lib, ctx = self._lib, self.llm.ctx
         size = lib.llama_state_seq_get_size(ctx, 0)
         data = (ctypes.c_uint8 * size)()
         written = lib.llama_state_seq_get_data(ctx, data, size, 0)
         tokens = self.llm.input_ids[:self.llm.n_tokens].tolist()
         value = (data, written, tokens)
-        self._cache.put(adapter, tokens, value, written)
+        self._cache.put(adapter, tokens, value, written, pin)
         return value
 
     def _restore(self, key: tuple) -> int:
@@ -249,7 +249,7 @@ class LlamaCppEngine:
         r.cached_tokens = common
         if system and common < r.prefix_len:
             llm.eval(prompt[common:r.prefix_len])  # the case's system prompt alone, kept for its other players
-            self._save(r.adapter)
+            self._save(r.adapter, pin=True)
             common = r.prefix_len
         llm.eval(prompt[common:])
         seen = np.zeros(llm.n_vocab(), dtype=bool)

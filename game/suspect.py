@@ -95,7 +95,8 @@ class Suspect:
     def __init__(self, base: Base, device: str | None = None, settings: GenerationSettings = GenerationSettings(),
                  engine: str | None = None, max_batch: int | None = None, **engine_options):
         """engine: one of ENGINES; default: $IR_ENGINE, else "auto".
-        engine_options go to the torch engine (game.engine.BatchedEngine): compile, cuda_graphs, kv_cache_mb, merge."""
+        engine_options go to the torch engine (game.engine.BatchedEngine): compile, cuda_graphs, kv_cache_mb, merge,
+        overlap."""
         engine = engine or os.environ.get("IR_ENGINE") or "auto"
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")

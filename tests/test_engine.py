@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from game.engine import BatchedEngine, Request
+from game.engine import BatchedEngine, PrefixCache, Request
 from game.prompt import chat
 from game.scenario import load_cases
 
@@ -49,8 +49,8 @@ def reference(base, setup):
     return out
 
 
-def engine_of(setup, **options) -> BatchedEngine:
-    model, _ = setup
+def engine_of(setup, model=None, **options) -> BatchedEngine:
+    model = model or setup[0]
     eos = model.generation_config.eos_token_id
     engine = BatchedEngine(model, eos=set(eos if isinstance(eos, list) else [eos]), **options)
     for case_id in CASES:
@@ -58,9 +58,11 @@ def engine_of(setup, **options) -> BatchedEngine:
     return engine
 
 
-def run(engine: BatchedEngine, jobs: list[tuple[str, list[int]]]) -> list[list[int]]:
-    """Submit every job at once (so that they share batches), then collect each one's tokens."""
-    requests = [engine.submit(Request(prompt, case_id, 0, TOKENS, 1.1)) for case_id, prompt in jobs]
+def run(engine: BatchedEngine, jobs: list[tuple[str, list[int]]], sample=()) -> list[list[int]]:
+    """Submit every job at once (so that they share batches), then collect each one's tokens. sample: the indexes of
+    jobs that sample instead of taking the best token."""
+    requests = [engine.submit(Request(prompt, case_id, 0, TOKENS, 1.1, do_sample=i in sample))
+                for i, (case_id, prompt) in enumerate(jobs)]
     out = []
     for r in requests:
         tokens = []
@@ -134,4 +136,65 @@ def test_a_compiled_step_generates_the_same(setup, reference):
     _, prompts = setup
     jobs = [(case_id, prompts[case_id][0]) for case_id in CASES]
     assert run(engine, jobs) == [reference[job] for job in [(c, 0) for c in CASES]]
-    assert engine._decode is not engine.model.decode  # it ran compiled, not after falling back to eager
+    assert engine._decode != engine.model.decode  # it ran compiled, not after falling back to eager
+
+
+def test_steps_launched_before_the_last_tokens_are_handed_out_generate_the_same(setup, reference):
+    """overlap (the CUDA default): with more requests than rows, rows are freed and refilled while a step is in
+    flight, and a finished row's extra step is dropped."""
+    engine = engine_of(setup, max_batch=2, overlap=True)
+    _, prompts = setup
+    jobs = [(case_id, prompts[case_id][i]) for i in range(2) for case_id in CASES]
+    assert run(engine, jobs) == [reference[job] for job in [(c, i) for i in range(2) for c in CASES]]
+
+
+def test_a_sampling_row_leaves_its_greedy_neighbour_greedy(setup, reference):
+    torch.manual_seed(0)
+    engine = engine_of(setup, max_batch=2)
+    _, prompts = setup
+    case_id = CASES[0]
+    greedy, sampled = run(engine, [(case_id, prompts[case_id][0])] * 2, sample={1})
+    assert greedy == reference[case_id, 0]
+    assert sampled and sampled != greedy
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_compiled_and_overlapped_generate_the_same(setup, reference):
+    """The CUDA defaults (compiled layer, graphed prefills and steps, merged lone adapter, overlap), in fp32."""
+    import copy
+
+    engine = engine_of(setup, copy.deepcopy(setup[0]).to("cuda"), max_batch=4)
+    assert engine.compile and engine.cuda_graphs and engine.model.merge and engine.overlap
+    _, prompts = setup
+    jobs = [(case_id, prompts[case_id][i]) for i in range(2) for case_id in CASES]
+    assert run(engine, jobs) == [reference[job] for job in [(c, i) for i in range(2) for c in CASES]]
+    assert run(engine, [(CASES[0], prompts[CASES[0]][1])]) == [reference[CASES[0], 1]]  # alone: merged
+    assert engine.cuda_graphs and engine._decode != engine.model.decode  # no fallback was needed
+    assert any(key[0] == "prefill" for key in engine._graphs)
+
+
+def test_a_failing_compiled_step_falls_back_to_the_eager_one(setup, reference):
+    engine = engine_of(setup, max_batch=1)
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    engine._decode = broken
+    _, prompts = setup
+    assert run(engine, [(CASES[0], prompts[CASES[0]][0])]) == [reference[CASES[0], 0]]
+    assert engine._decode == engine.model.decode
+
+
+def test_the_prefix_cache_keeps_pinned_system_prompts_when_conversations_fill_it():
+    cache = PrefixCache(budget_bytes=300)
+    system = list(range(16))
+    cache.put("case", system, "system kv", 100, pin=True)
+    cache.put("case", system + [1000] * 16, "game on this case", 100)  # continues the system prompt
+    for game in range(5):  # another case's conversations push the oldest out, not the pinned system prompt
+        cache.put("other", [2000 + game] * 32, f"game {game}", 100)
+    assert cache.longest("case", system + [1000] * 16)[1] == 16  # the game on this case is gone...
+    key, length = cache.longest("case", system + [7] * 16)
+    assert cache.get(key) == "system kv" and length == 16  # ...and its system prompt is still found
+    assert cache.longest("other", [2004] * 32)[1] == 32  # the newest conversation is there
+    assert cache.longest("other", [2000] * 32)[1] == 0  # the oldest is gone
+    assert cache.used <= 300
