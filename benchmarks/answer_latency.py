@@ -44,6 +44,8 @@ class Arguments:
     no_adapters: bool = field(default=False, metadata={"help": "Prompt-only suspects (no LoRA at all)."})
     rounds: int = field(default=1, metadata={"help": "Times the whole question set is asked."})
     threads: int | None = field(default=None, metadata={"help": "torch and llama.cpp threads; default: theirs."})
+    draft_tokens: int | None = field(default=None, metadata={
+        "help": "llama.cpp: most guessed tokens checked at once (game.drafts; 0: none); default: the engine's."})
     cold_start: bool = field(default=True, metadata={"help": "Also time a fresh process to its first answer."})
     label: str | None = field(default=None, metadata={"help": "Suffix of the result file, e.g. fp32-baseline."})
     out: Path = field(default=RESULTS, metadata={"help": "Folder for the JSON result."})
@@ -118,6 +120,8 @@ def measure_cold_start(args: Arguments) -> dict:
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = env["IR_THREADS"] = str(args.threads)
+    if args.draft_tokens is not None:
+        env["IR_DRAFT_TOKENS"] = str(args.draft_tokens)
     launched = time.time()
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode != 0:
@@ -140,6 +144,8 @@ def main(args: Arguments) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["IR_THREADS"] = str(args.threads)  # game.llamacpp's
+    if args.draft_tokens is not None:
+        os.environ["IR_DRAFT_TOKENS"] = str(args.draft_tokens)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cases = load_cases(args.scenarios)
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -165,6 +171,7 @@ def main(args: Arguments) -> None:
                     if "first_token_s" in r and r["new_tokens"] > 1 and r["total_s"] > r["first_token_s"]]
     engine = getattr(suspect, "engine_name", "transformers generate (unoptimised)")
     threads = getattr(getattr(suspect, "_engine", None), "threads", None) or torch.get_num_threads()
+    drafted = sum(r.get("drafted_tokens", 0) for r in rows)
     result = {
         "benchmark": "answer_latency",
         "label": args.label,
@@ -173,6 +180,7 @@ def main(args: Arguments) -> None:
         "settings": {"engine": engine, "engine_requested": args.engine, "threads": threads, "base": args.base,
                      "generation": asdict(GenerationSettings()), "adapters": kinds if not args.no_adapters else None,
                      "adapters_loaded": sum(loaded.values()), "cases": sorted(cases),
+                     "draft_tokens": getattr(suspect, "draft_tokens", None),
                      "questions_per_case": QUESTIONS_PER_CASE, "rounds": args.rounds},
         "open_suspect_s": round(open_s, 3),
         "answers": len(rows),
@@ -181,6 +189,9 @@ def main(args: Arguments) -> None:
         "first_text_s": summary([r["first_text_s"] for r in rows]),
         "decode_tokens_per_s": summary(decode_rates, 2),
         "tokens_per_s_overall": round(tokens / sum(r["total_s"] for r in rows), 2),
+        "drafts": {"drafted_tokens": drafted, "accepted_tokens": sum(r.get("accepted_tokens", 0) for r in rows),
+                   "accepted_share": round(sum(r.get("accepted_tokens", 0) for r in rows) / drafted, 3)
+                   if drafted else None},
         "answer_s": summary([r["total_s"] for r in rows]),
         "cold_start": cold,
         "rows": rows,

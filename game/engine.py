@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from game.drafts import Drafts
+
 log = logging.getLogger(__name__)
 
 # Projections that carry a LoRA, fused into one matrix per group: one matmul reads q, k and v (gate and up) at once.
@@ -64,6 +66,9 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    drafts: Drafts | None = None  # guesses at the answer (the llama.cpp engine checks them; this one batches players)
+    drafted_tokens: int = 0  # guessed tokens checked, and those the model produced itself
+    accepted_tokens: int = 0
 
 
 class PrefixCache:
@@ -483,6 +488,8 @@ def _stop_workers() -> None:
 
 class BatchedEngine:
     """A worker thread generating for every queued request, batched. Thread-safe."""
+
+    takes_drafts = False  # the GPU's spare work goes to other players' rows, not to checking guesses
 
     def __init__(self, hf_model, eos: set[int], max_batch: int = 1, max_len: int = 2048, compile: bool | None = None,
                  cuda_graphs: bool | None = None, kv_cache_mb: int | None = None, merge: bool | None = None,

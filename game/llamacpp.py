@@ -3,7 +3,9 @@
 llama.cpp's Q4_1 kernels read the base as it is stored (the transformers path runs a dequantized fp32 copy of the
 same weights), which on a 2-core CPU is ~5x the tokens/s of the torch engine. The adapter is applied beside the base,
 unmerged, so the base's weights stay exactly the GGUF's. Decoding is the game's own: greedy with transformers'
-repetition penalty over every token seen, so answers match the torch path's up to llama.cpp's arithmetic.
+repetition penalty over every token seen, so answers match the torch path's up to llama.cpp's arithmetic. Where the
+case's own material guesses how an answer goes on (game.drafts), the guess is checked in the same pass as the token
+before it (speculative decoding): every token is still the model's choice, ~1.5x as many a second.
 
 One request at a time (a llama.cpp context holds one adapter set); each case's system-prompt KV is kept as a
 saved state in memory, and a question that continues a recent conversation reuses all of it.
@@ -36,6 +38,7 @@ LORA_FORMAT = "v1"  # bump when to_gguf_lora changes what it writes
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 KV_CACHE_MB = 256  # saved conversations and system prompts (23 kB a token on the 135M base: ~20 conversations)
+DRAFT_TOKENS = 5  # a request's guesses (game.drafts) checked at once: measured best on 2 cores, docs/speed.md
 RESTORE_GAIN = 16  # restore a saved state only when it saves this many more tokens than the context already has
 
 
@@ -112,11 +115,14 @@ assert set(GGUF_NAMES) == set(GROUP_OF)
 class LlamaCppEngine:
     """A worker thread answering one request at a time with llama.cpp. Thread-safe."""
 
+    takes_drafts = True
+
     def __init__(self, gguf: Path, eos: set[int], config_path: str | None = None, n_ctx: int = 2048,
-                 threads: int | None = None, threads_batch: int | None = None):
+                 threads: int | None = None, threads_batch: int | None = None, draft_tokens: int | None = None):
         """config_path: the transformers folder of the same base (for the adapters' shapes); default: resolved.
         threads (one token at a time) and threads_batch (prompts): default $IR_THREADS, $IR_THREADS_BATCH, else
-        every core."""
+        every core. draft_tokens: the most guessed tokens checked in one pass (0: none); default $IR_DRAFT_TOKENS,
+        else DRAFT_TOKENS."""
         import llama_cpp
 
         self._lib = llama_cpp
@@ -127,6 +133,8 @@ class LlamaCppEngine:
         threads_env, cores = int(os.environ.get("IR_THREADS") or 0), os.cpu_count() or 1
         self.threads = threads or threads_env or cores
         self.threads_batch = threads_batch or int(os.environ.get("IR_THREADS_BATCH") or 0) or threads_env or cores
+        env_drafts = os.environ.get("IR_DRAFT_TOKENS")
+        self.draft_tokens = draft_tokens if draft_tokens is not None else int(env_drafts or DRAFT_TOKENS)
         self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=self.threads,
                                    n_threads_batch=self.threads_batch, verbose=False)
         self._config = None
@@ -234,6 +242,17 @@ class LlamaCppEngine:
         pointer = self._lib.llama_get_logits_ith(self.llm.ctx, -1)
         return np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).copy()
 
+    def _check(self, tokens: list[int]) -> np.ndarray:
+        """Evaluate tokens at the context's end; the logits after each of them, one row each (a draft's check reads
+        every row, which Llama.eval does not return without keeping every logit of the context)."""
+        llm = self.llm
+        start = llm.n_tokens
+        llm._batch.set_batch(batch=tokens, n_past=start, logits_all=True)
+        llm._ctx.decode(llm._batch)
+        llm.input_ids[start:start + len(tokens)] = tokens
+        llm.n_tokens += len(tokens)
+        return np.ctypeslib.as_array(self._lib.llama_get_logits(llm.ctx), shape=(len(tokens), llm.n_vocab())).copy()
+
     def _generate(self, r: Request) -> None:
         llm = self.llm
         self._use_adapter(r.adapter)
@@ -256,18 +275,32 @@ class LlamaCppEngine:
         seen[prompt] = True
         p = np.float32(r.repetition_penalty)
         rng = np.random.default_rng() if r.do_sample else None
-        for n in range(r.max_new_tokens):
-            logits = self._logits()
-            hit = logits[seen]
-            logits[seen] = np.where(hit < 0, hit * p, hit / p)
-            token = int(logits.argmax()) if rng is None else _sample(logits, rng)
-            seen[token] = True
-            if r.first_token is None:
-                r.first_token = time.perf_counter()
-            r.tokens.put(token)
-            if token in self.eos or n + 1 == r.max_new_tokens or r.cancelled.is_set():
+        text = list(prompt)
+        rows, guess = self._logits()[None], []
+        while True:
+            start = llm.n_tokens - len(rows)
+            # Row i holds the logits after guess[:i]: its token is the model's own whether or not it matches the
+            # guess, and the rows after it count only while it does.
+            for i, logits in enumerate(rows):
+                hit = logits[seen]
+                logits[seen] = np.where(hit < 0, hit * p, hit / p)
+                token = int(logits.argmax()) if rng is None else _sample(logits, rng)
+                seen[token] = True
+                text.append(token)
+                if r.first_token is None:
+                    r.first_token = time.perf_counter()
+                r.tokens.put(token)
+                r.accepted_tokens += i < len(guess) and token == guess[i]
+                done = token in self.eos or len(text) - len(prompt) == r.max_new_tokens or r.cancelled.is_set()
+                if done or i == len(guess) or token != guess[i]:
+                    break
+            self._rewind(start + i + 1)  # the KV of the rejected guesses goes
+            if done:
                 break
-            llm.eval([token])
+            left = r.max_new_tokens - (len(text) - len(prompt)) - 1
+            guess = r.drafts.guess(text, min(self.draft_tokens, left)) if r.drafts is not None else []
+            r.drafted_tokens += len(guess)
+            rows = self._check([token] + guess)
         r.tokens.put(None)
         if not r.background:  # a warm-up has no conversation to continue: its system prompt is saved above
             self._save(r.adapter)  # the conversation so far, for its next question

@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from game.adapters import AdapterInfo
 from game.base import Base
+from game.drafts import Drafts
 from game.engine import BatchedEngine, Request
 from game.prompt import chat, system_prompt
 from game.scenario import Case
@@ -107,6 +108,7 @@ class Suspect:
         self.adapters: dict[str, Path] = {}  # case id -> folder, for those loaded
         self._encode_lock = threading.Lock()  # a fast tokenizer must not encode in two threads at once
         self._prefixes: dict[str, tuple[str, int]] = {}  # case id -> (system prompt, its length in tokens)
+        self._drafts: dict[str, tuple[Case, Drafts]] = {}  # case id -> guesses from that case's material
         self._engine = self._llama_cpp(engine) if engine != "torch" else None
         if self._engine is not None:
             self.engine_name = "llama.cpp"
@@ -136,6 +138,11 @@ class Suspect:
                 raise
             log.warning("llama.cpp could not open %s (%s): the torch engine runs instead", gguf, exc)
             return None
+
+    @property
+    def draft_tokens(self) -> int:
+        """The most guessed tokens (game.drafts) the engine checks in one pass; 0 when it does not guess."""
+        return self._engine.draft_tokens if self._engine.takes_drafts else 0
 
     def _eos_ids(self) -> set[int]:
         from transformers import GenerationConfig
@@ -170,6 +177,19 @@ class Suspect:
                 known = self._prefixes[case.id] = (text, len(head) if ids[:len(head)] == head else 0)
         return list(ids), known[1]
 
+    def _guesses(self, case: Case) -> Drafts | None:
+        """For an engine that checks guesses, and a case whose adapter is loaded: the case's system prompt and every
+        answer of its dialogue material, as one chat (what a suspect trained on them says again, each answer as the
+        turn it would be). A prompt-only suspect seldom says them: checking would cost more than it saves."""
+        if not self.draft_tokens or case.id not in self.adapters:
+            return None
+        known = self._drafts.get(case.id)
+        if known is None or known[0] != case:
+            material = [Exchange("?", answer) for topic in case.topics for answer in topic.answers]
+            text, _ = self._prompt(case, chat(case, material, "?"))
+            known = self._drafts[case.id] = (case, Drafts([text], ends=self._engine.eos))
+        return known[1]
+
     def prepare(self, case: Case) -> Request:
         """Compute the case's system-prompt KV now, in the engine's own time (~2 s on 2 cores), so that the first
         question of its first game pays for itself alone; its two tokens also build (compile, capture) the decode
@@ -178,7 +198,7 @@ class Suspect:
         prompt, prefix = self._prompt(case, chat(case, (), "?"))
         s = self.settings
         return self._engine.submit(Request(prompt, case.id if case.id in self.adapters else None, prefix, 2,
-                                    s.repetition_penalty, background=True))
+                                    s.repetition_penalty, background=True, drafts=self._guesses(case)))
 
     def stream(self, case: Case, transcript: Sequence[Exchange], question: str,
                stats: dict | None = None) -> Iterator[str]:
@@ -190,7 +210,8 @@ class Suspect:
         prompt, prefix = self._prompt(case, chat(case, transcript, question))
         s = self.settings
         request = self._engine.submit(Request(prompt, case.id if case.id in self.adapters else None, prefix,
-                                              s.max_new_tokens, s.repetition_penalty, s.do_sample))
+                                              s.max_new_tokens, s.repetition_penalty, s.do_sample,
+                                              drafts=self._guesses(case)))
         produced: list[int] = []
         raw, shown, settled, ended = "", "", False, False
         try:
@@ -219,7 +240,8 @@ class Suspect:
         if stats is not None:
             first = request.first_token if request.first_token is not None else time.perf_counter()
             stats.update(prompt_tokens=len(prompt), cached_tokens=request.cached_tokens, new_tokens=len(produced),
-                         first_token_s=first - started, total_s=time.perf_counter() - started, settled_early=settled)
+                         first_token_s=first - started, total_s=time.perf_counter() - started, settled_early=settled,
+                         drafted_tokens=request.drafted_tokens, accepted_tokens=request.accepted_tokens)
         yield clean_answer(raw, finished=settled or len(produced) < s.max_new_tokens)
 
     def answer(self, case: Case, transcript: Sequence[Exchange], question: str) -> str:

@@ -219,6 +219,7 @@ def described(subject: Subject, case: Case) -> dict:
         "adapter_status": subject.adapter_status,
         "base": subject.suspect.base.id,
         "engine": f"{subject.suspect.engine_name} on {subject.suspect.device}",
+        "draft_tokens": subject.suspect.draft_tokens,
     }
 
 
@@ -258,7 +259,7 @@ def rescore(args: EvalArguments, loaded: LoadedCase) -> dict:
     asked = [scoring.Asked(a["probe"], a["phrasing"], a["question"], a["answer"], a["conversation"], a["turn"],
                            a["retest"]) for a in old["answers"]]
     head = {k: old.get(k) for k in ("case", "guilty", "variant", "adapter", "adapter_status", "base", "engine",
-                                    "generation")}
+                                    "draft_tokens", "generation")}
     embedder = semantic.load() if args.semantic else None
     return figures(loaded.case, asked, head, embedder, seconds=old["seconds"])
 
