@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/answer_latency.py                     # this machine, every bundled case
     .venv/bin/python benchmarks/answer_latency.py --engine torch      # force the torch path (default: auto)
     .venv/bin/python benchmarks/answer_latency.py --rounds 3 --label fp32-baseline
+    .venv/bin/python benchmarks/answer_latency.py --rounds 2 --draft_tokens 0 --label no-drafts  # CPU, no guessing
 
 Each bundled case is questioned through `game.suspect.Suspect`, with the game's generation settings and the case's
 adapter (a stand-in of the training recipe's shape, rank 4 on all seven projections, where a case has none yet):
