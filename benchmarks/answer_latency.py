@@ -121,8 +121,6 @@ def measure_cold_start(args: Arguments) -> dict:
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = env["IR_THREADS"] = str(args.threads)
-    if args.draft_tokens is not None:
-        env["IR_DRAFT_TOKENS"] = str(args.draft_tokens)
     launched = time.time()
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode != 0:
@@ -172,7 +170,7 @@ def main(args: Arguments) -> None:
                     if "first_token_s" in r and r["new_tokens"] > 1 and r["total_s"] > r["first_token_s"]]
     engine = getattr(suspect, "engine_name", "transformers generate (unoptimised)")
     threads = getattr(getattr(suspect, "_engine", None), "threads", None) or torch.get_num_threads()
-    drafted = sum(r.get("drafted_tokens", 0) for r in rows)
+    drafted, accepted = (sum(r.get(k, 0) for r in rows) for k in ("drafted_tokens", "accepted_tokens"))
     result = {
         "benchmark": "answer_latency",
         "label": args.label,
@@ -190,9 +188,8 @@ def main(args: Arguments) -> None:
         "first_text_s": summary([r["first_text_s"] for r in rows]),
         "decode_tokens_per_s": summary(decode_rates, 2),
         "tokens_per_s_overall": round(tokens / sum(r["total_s"] for r in rows), 2),
-        "drafts": {"drafted_tokens": drafted, "accepted_tokens": sum(r.get("accepted_tokens", 0) for r in rows),
-                   "accepted_share": round(sum(r.get("accepted_tokens", 0) for r in rows) / drafted, 3)
-                   if drafted else None},
+        "drafts": {"drafted_tokens": drafted, "accepted_tokens": accepted,
+                   "accepted_share": round(accepted / drafted, 3) if drafted else None},
         "answer_s": summary([r["total_s"] for r in rows]),
         "cold_start": cold,
         "rows": rows,

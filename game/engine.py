@@ -489,7 +489,7 @@ def _stop_workers() -> None:
 class BatchedEngine:
     """A worker thread generating for every queued request, batched. Thread-safe."""
 
-    takes_drafts = False  # the GPU's spare work goes to other players' rows, not to checking guesses
+    draft_tokens = 0  # no guessing (game.drafts): the GPU's spare work goes to other players' rows
 
     def __init__(self, hf_model, eos: set[int], max_batch: int = 1, max_len: int = 2048, compile: bool | None = None,
                  cuda_graphs: bool | None = None, kv_cache_mb: int | None = None, merge: bool | None = None,

@@ -115,8 +115,6 @@ assert set(GGUF_NAMES) == set(GROUP_OF)
 class LlamaCppEngine:
     """A worker thread answering one request at a time with llama.cpp. Thread-safe."""
 
-    takes_drafts = True
-
     def __init__(self, gguf: Path, eos: set[int], config_path: str | None = None, n_ctx: int = 2048,
                  threads: int | None = None, threads_batch: int | None = None, draft_tokens: int | None = None):
         """config_path: the transformers folder of the same base (for the adapters' shapes); default: resolved.

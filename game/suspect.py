@@ -142,7 +142,12 @@ class Suspect:
     @property
     def draft_tokens(self) -> int:
         """The most guessed tokens (game.drafts) the engine checks in one pass; 0 when it does not guess."""
-        return self._engine.draft_tokens if self._engine.takes_drafts else 0
+        return self._engine.draft_tokens
+
+    def draft_tokens_for(self, case: Case) -> int:
+        """draft_tokens where this case's answers are guessed: only with its adapter loaded (a prompt-only suspect
+        seldom says its case's material, so checking guesses would cost more than it saves)."""
+        return self.draft_tokens if case.id in self.adapters else 0
 
     def _eos_ids(self) -> set[int]:
         from transformers import GenerationConfig
@@ -178,10 +183,9 @@ class Suspect:
         return list(ids), known[1]
 
     def _guesses(self, case: Case) -> Drafts | None:
-        """For an engine that checks guesses, and a case whose adapter is loaded: the case's system prompt and every
-        answer of its dialogue material, as one chat (what a suspect trained on them says again, each answer as the
-        turn it would be). A prompt-only suspect seldom says them: checking would cost more than it saves."""
-        if not self.draft_tokens or case.id not in self.adapters:
+        """Where draft_tokens_for(case): the case's system prompt and every answer of its dialogue material, as one
+        chat (what a suspect trained on them says again, each answer as the turn it would be)."""
+        if not self.draft_tokens_for(case):
             return None
         known = self._drafts.get(case.id)
         if known is None or known[0] != case:

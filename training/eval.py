@@ -219,7 +219,7 @@ def described(subject: Subject, case: Case) -> dict:
         "adapter_status": subject.adapter_status,
         "base": subject.suspect.base.id,
         "engine": f"{subject.suspect.engine_name} on {subject.suspect.device}",
-        "draft_tokens": subject.suspect.draft_tokens,
+        "draft_tokens": subject.suspect.draft_tokens_for(case),
     }
 
 
