@@ -14,6 +14,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from game.bank import bank, intent_names
+from game.phrases import found
+
 log = logging.getLogger(__name__)
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
@@ -40,17 +43,40 @@ class Tell(Strict):
     keywords: list[Phrase] = Field(min_length=1, description="Words or phrases; an answer containing any shows it.")
 
 
+IntentName = Literal[intent_names()]
+
+
 class Topic(Strict):
     """Dialogue material: ways a detective asks about one thing, and in-character answers to any of them."""
 
     name: Text
-    kind: Literal["fact", "pressure", "break_character"] = Field(
+    kind: Literal["fact", "pressure", "break_character", "evasion"] = Field(
         "fact",
         description="fact: the suspect states what they know; pressure: accusations and pushing; "
-        "break_character: attempts to make the suspect drop the role ('are you an AI?').",
+        "break_character: attempts to make the suspect drop the role ('are you an AI?'); evasion: the suspect's "
+        "way of dodging whatever the case has nothing to say about (it answers every intent no other topic lists).",
     )
-    questions: list[Text] = Field(min_length=2)
-    answers: list[Text] = Field(min_length=2)
+    intents: list[IntentName] = Field(
+        default_factory=list,
+        description="What players ask that this topic answers (game/question_bank.json): training also asks it "
+        "the bank's generic wordings of these intents, so `questions` need only hold this case's own names, "
+        "places and objects.",
+    )
+    questions: list[Text] = Field(
+        default_factory=list,
+        description="This case's own wordings (its names, places, objects); the bank's wordings of `intents` are "
+        "added in training.",
+    )
+    answers: list[Text] = Field(min_length=2, description="In-character answers; each must fit every question.")
+
+    @model_validator(mode="after")
+    def _askable(self) -> Topic:
+        if self.kind == "evasion":
+            if self.intents:
+                raise ValueError("intents: an evasion topic answers every intent no other topic lists; list none")
+        elif not self.questions and not self.intents:
+            raise ValueError("questions: a topic needs its own questions or `intents` whose bank wordings ask it")
+        return self
 
 
 class Probe(Strict):
@@ -88,6 +114,11 @@ class Case(Strict):
         "truth; an innocent one saying one confesses falsely.",
     )
     topics: list[Topic] = Field(min_length=3)
+    reminders: list[Text] = Field(
+        default_factory=list,
+        description="Short lines for a question asked again, in the suspect's manner ('I've told you once, "
+        "dear.'): said when a topic has no answer left that this interrogation has not heard.",
+    )
     probes: list[Probe] = Field(min_length=3)
 
     @model_validator(mode="after")
@@ -99,12 +130,58 @@ class Case(Strict):
         names = [t.name for t in self.topics]
         if len(set(names)) != len(names):
             raise ValueError("topics: topic names must be unique")
-        trained = {q.casefold() for t in self.topics for q in t.questions}
+        if sum(t.kind == "evasion" for t in self.topics) > 1:
+            raise ValueError("topics: at most one topic of kind 'evasion'; put all its answers in one")
+        held_out = bank().held_out_questions()
+        for i, topic in enumerate(self.topics):
+            for q in topic.questions:
+                if q.casefold() in held_out:
+                    raise ValueError(f"topics.{i}.questions: '{q}' is a held-out wording of the question bank; "
+                                     "training on it would spoil the off-script evaluation")
+        trained = {q.casefold() for t in self.topics for q in t.questions} | bank().training_questions()
         for i, probe in enumerate(self.probes):
             for q in [probe.question, *probe.paraphrases]:
                 if q.casefold() in trained:
                     raise ValueError(f"probes.{i}: '{q}' is also a training question; probes must be held out")
         return self
+
+    def answering(self, intent: str) -> list[Topic]:
+        """The topics that answer an intent: those that list it, else the evasion topic (empty if it has none)."""
+        listed = [t for t in self.topics if intent in t.intents]
+        return listed or [t for t in self.topics if t.kind == "evasion"]
+
+    def uncovered(self) -> list[str]:
+        """Intents no topic lists: the suspect evades them."""
+        return [name for name in intent_names() if not any(name in t.intents for t in self.topics)]
+
+
+def advice(case: Case) -> list[tuple[str, str]]:
+    """What an author could still write, as (field, what to write): `validate` prints these as warnings."""
+    out = []
+    evasion = next((i for i, t in enumerate(case.topics) if t.kind == "evasion"), None)
+    for name in case.uncovered():
+        intent = bank().intents[name]
+        dodge = ("the evasion topic answers it" if evasion is not None else
+                 "no evasion topic either, so the suspect dodges it with the bank's generic lines")
+        out.append(("topics", f"no topic lists intent '{name}' ({intent.about}); {dodge}. Write a topic with "
+                              f'"intents": ["{name}"] if {case.suspect.name} has something to say about it'))
+    if evasion is None:
+        out.append(("topics", "no topic of kind 'evasion': write one with three or more answers in which "
+                              f"{case.suspect.name} dodges, in their manner, what the case has nothing to say about"))
+    for i, topic in enumerate(case.topics):
+        if len(topic.answers) < 3:
+            out.append((f"topics.{i}.answers", f"topic '{topic.name}' has {len(topic.answers)} answers: write at "
+                                               "least three, so a question asked again gets another one"))
+    if not case.reminders:
+        out.append(("reminders", "no reminders: write two or three short lines in which "
+                                 f"{case.suspect.name} says they have answered that already"))
+    if case.guilty:
+        spoken = [a for t in case.topics for a in t.answers]
+        for i, tell in enumerate(case.tells):
+            if not any(found(a, tell.keywords) for a in spoken):
+                out.append((f"tells.{i}", f"tell '{tell.text}' appears in no topic answer, so the suspect is never "
+                                          "trained to let it slip: put one of its keywords in some answers"))
+    return out
 
 
 class CaseError(ValueError):

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 
+from game.phrases import found, normalize, says
 from game.scenario import Case, Probe
 from game.session import Exchange
 
@@ -77,26 +77,6 @@ _SELF_INTRO = r"(?:i'm|i am|my name is|my name's|name's|call me|it's|this is|me,
 _THIRD_PERSON_VERB = (r"\s+(?:is|was|has|had|does|did|says|said|went|stayed|spent|saw|heard|knows|knew|keeps|kept"
                       r"|never|also|then|would|will|can|could|isn't|wasn't|doesn't|didn't|hasn't|himself|herself"
                       r"|[a-z]+ed|[a-z]+s)")
-
-
-def normalize(text: str) -> str:
-    text = text.casefold().replace("’", "'").replace("‘", "'").replace("“", '"').replace("”", '"')
-    text = re.sub(r"[-‐‑–—]", " ", text)
-    return " ".join(text.split())
-
-
-@lru_cache(maxsize=4096)
-def _phrase_pattern(phrase: str) -> re.Pattern:
-    return re.compile(r"(?<![\w])" + re.escape(normalize(phrase)) + r"(?:s|es)?(?![\w])")
-
-
-def says(text: str, phrase: str) -> bool:
-    """Whether `text` contains `phrase` as whole words (normalized; a plural of its last word counts)."""
-    return bool(_phrase_pattern(phrase).search(normalize(text)))
-
-
-def found(text: str, phrases: Iterable[str]) -> list[str]:
-    return [p for p in phrases if says(text, p)]
 
 
 def case_material(case: Case) -> list[str]:
