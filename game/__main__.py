@@ -1,6 +1,6 @@
 """Command line of the game.
 
-    python -m game validate [PATH ...]        check case files (default: scenarios/)
+    python -m game validate [PATH ...]        check case files (default: scenarios/); warnings: what to write next
     python -m game list [--json]              the playable cases and their adapters
     python -m game schema                     print the JSON schema of a case file
     python -m game play CASE_ID [--questions-file F --verdict guilty|innocent] [--json]
@@ -16,16 +16,22 @@ from pathlib import Path
 
 from game import adapters as adapter_files
 from game.config import GameConfig
-from game.scenario import json_schema, load_cases, read_cases
+from game.scenario import advice, json_schema, load_cases, read_cases
 from game.session import MoveRefused
 
 
 def validate(args: argparse.Namespace, config: GameConfig) -> int:
+    """Errors (the file cannot be played: exit 1) and, for valid cases, warnings on what is worth writing next."""
     cases, problems = read_cases(args.paths or [config.scenarios])
     for problem in problems:
         print(problem)
+    warnings = [f"{loaded.path}: {where}: warning: {what}" for loaded in cases.values()
+                for where, what in advice(loaded.case)]
+    if not args.quiet:
+        for warning in warnings:
+            print(warning)
     if not problems:
-        print(f"{len(cases)} case(s) valid")
+        print(f"{len(cases)} case(s) valid" + (f", {len(warnings)} warning(s)" if warnings else ""))
     return 1 if problems else 0
 
 
@@ -98,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapters", type=Path, help="adapter folder (default: adapters/, or $IR_ADAPTERS)")
     parser.add_argument("--base", help="base model: embedded, a .gguf, a Llama folder or a hub id ($IR_BASE)")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("validate", help="check case files; exit 1 on any problem")
+    p = sub.add_parser("validate", help="check case files; exit 1 on an error, warnings say what to write next")
     p.add_argument("paths", nargs="*", type=Path)
+    p.add_argument("--quiet", action="store_true", help="errors only, no coverage warnings")
     p.set_defaults(run=validate)
     p = sub.add_parser("list", help="the playable cases")
     p.add_argument("--json", action="store_true")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from difflib import SequenceMatcher
 from functools import lru_cache
 
 
@@ -30,3 +31,22 @@ def says(text: str, phrase: str) -> bool:
 
 def found(text: str, phrases: Iterable[str]) -> list[str]:
     return [p for p in phrases if says(text, p)]
+
+
+# Two answers whose words agree this much are the same line said again (a word or two changed, a clause dropped);
+# two different answers of one topic, which share its fact, stay well below (docs/eval.md).
+SAME_ANSWER = 0.8
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[\w']+", normalize(text))
+
+
+def likeness(a: str, b: str) -> float:
+    """How much of two texts is the same words in the same order (difflib's ratio over words, 0..1)."""
+    return SequenceMatcher(None, words(a), words(b), autojunk=False).ratio()
+
+
+def same_answer(a: str, b: str) -> bool:
+    """Whether answer `a` repeats answer `b`: the suspect saying the same line twice in one interrogation."""
+    return likeness(a, b) >= SAME_ANSWER

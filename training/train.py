@@ -32,7 +32,8 @@ from pathlib import Path
 from datasets import Dataset
 
 from game.adapters import META_FILE
-from game.base import Base, resolve
+from game.bank import PATH as BANK
+from game.base import Base, file_sha256, resolve
 from game.prompt import chat
 from game.scenario import LoadedCase
 from training.config import DataArguments, LoraArguments, ScriptArguments, TrainArguments
@@ -173,13 +174,11 @@ def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments,
 
 def build_dataset(loaded: LoadedCase, data_args: DataArguments, train: TrainArguments) -> tuple[Dataset, dict]:
     if data_args.data is not None:
-        from game.base import file_sha256
-
         dataset = load_conversations(data_args.data, loaded.case)
         return dataset, {"source": "file", "file": data_args.data.name, "sha256": file_sha256(data_args.data)}
     n = data_args.chats or (train.steps * train.examples_per_step if train.steps else 256)
     dataset = case_chats(loaded.case, n, train.seed, data_args.min_turns, data_args.max_turns)
-    return dataset, {"source": "case", "chats": n}
+    return dataset, {"source": "case", "chats": n, "question_bank_sha256": file_sha256(BANK)}
 
 
 def hyperparameters(data_args: DataArguments, lora: LoraArguments, train: TrainArguments, backend: str, on_gpu: bool,

@@ -1,0 +1,196 @@
+"""The question bank, topics that answer intents, evasions and reminders: in the case, in training, in scoring."""
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from conftest import MINIMAL_CASE, ROOT
+from game.bank import bank, intent_names
+from game.scenario import Case, advice, read_case
+from game.session import Exchange
+from game.suspect import not_again
+from training.data import case_chats
+from training.scoring import REMINDER, Asked, source_topic, summarize
+
+# The intents the issue names, by the bank's names for them.
+NAMED = {"whereabouts", "timeline", "alibi", "saw_heard", "relationship", "feelings", "motive", "other_suspects",
+         "evidence", "credibility", "accusation", "background", "crime", "small_talk", "break_character"}
+
+GUARDED = {**MINIMAL_CASE, "topics": [
+    {**MINIMAL_CASE["topics"][0], "intents": ["whereabouts", "timeline"],
+     "answers": ["I locked up at six and went home.", "Home, after locking up at six.", "Six o'clock, then my cottage."]},
+    {**MINIMAL_CASE["topics"][1], "intents": ["crime"]},
+    {**MINIMAL_CASE["topics"][2], "intents": ["break_character"]},
+    {"name": "dodging", "kind": "evasion",
+     "answers": ["Latin names are all I care for, detective.", "That is no business of a gardener's.",
+                 "Ask me about the greenhouse, not that."]},
+], "reminders": ["I have told you that once, detective.", "Asked and answered, I believe."]}
+CASE = Case.model_validate(GUARDED)
+
+
+def test_bank_has_every_intent_with_many_wordings_and_a_held_out_part():
+    assert NAMED <= set(intent_names())
+    for intent in bank().intents.values():
+        assert len(intent.train) >= 25, intent.name
+        assert 3 <= len(intent.held_out) <= 8, intent.name
+        assert not {q.casefold() for q in intent.held_out} & {q.casefold() for q in intent.train}, intent.name
+
+
+def test_every_bank_wording_belongs_to_one_intent():
+    counts = Counter(q.casefold() for i in bank().intents.values() for q in (*i.train, *i.held_out))
+    assert [q for q, n in counts.items() if n > 1] == []
+
+
+def test_bank_wordings_come_in_the_registers_players_type():
+    train = [q for i in bank().intents.values() for q in i.train]
+    lowercase_bare = [q for q in train if q == q.lower() and not q.rstrip().endswith(("?", "."))]
+    long = [q for q in train if len(q) > 70]
+    double = [q for q in train if q.count("?") >= 2 or (" and " in q and q.endswith("?"))]
+    assert len(lowercase_bare) > len(train) / 10 and len(long) > len(train) / 40 and len(double) > len(train) / 40
+
+
+def test_a_topic_is_trained_on_its_own_wordings_and_the_banks_for_its_intents():
+    pools = {topic.name: questions for topic, questions in CASE.dialogue()}
+    assert set(bank().intents["timeline"].train) <= set(pools["alibi"])
+    assert set(GUARDED["topics"][0]["questions"]) <= set(pools["alibi"])
+    asked = {m["content"] for row in case_chats(CASE, 400, seed=0) for m in row["messages"] if m["role"] == "user"}
+    assert asked & set(bank().intents["whereabouts"].train) and asked & set(GUARDED["topics"][0]["questions"])
+
+
+def test_intents_no_topic_lists_are_asked_of_the_evasion_topic():
+    pools = {topic.name: questions for topic, questions in CASE.dialogue()}
+    assert set(bank().intents["feelings"].train) <= set(pools["dodging"])
+    assert [t.name for t in CASE.answering("feelings")] == ["dodging"]
+    assert [t.name for t in CASE.answering("crime")] == ["orchid"]
+
+
+def test_a_case_without_an_evasion_topic_dodges_with_the_banks_lines():
+    case = Case.model_validate(MINIMAL_CASE)
+    [evasion] = case.answering("feelings")
+    assert evasion.kind == "evasion" and list(evasion.answers) == list(bank().evasions)
+    assert case.repeat_lines == list(bank().reminders)
+
+
+def test_held_out_bank_wordings_are_never_trained_on():
+    held_out = {q for i in bank().intents.values() for q in i.held_out}
+    said = {m["content"] for row in case_chats(CASE, 500, seed=1) for m in row["messages"]}
+    assert not held_out & said
+
+
+def test_a_chat_never_gives_the_same_answer_twice():
+    returned = 0
+    for row in case_chats(CASE, 300, seed=2, min_turns=5):
+        answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        assert len(answers) == len(set(answers))
+        returned += len(answers) > len({a for a in answers if a not in CASE.reminders})
+    assert returned > 0, "some chats should return to a topic until only a reminder is left"
+
+
+def test_a_topic_asked_again_gets_another_of_its_answers():
+    topics = {a: t.name for t, _ in CASE.dialogue() for a in t.answers}
+    again = 0
+    for row in case_chats(CASE, 300, seed=3, min_turns=5):
+        sources = [topics.get(m["content"], REMINDER) for m in row["messages"] if m["role"] == "assistant"]
+        again += len(sources) > len(set(sources))
+    assert again > 30  # REPEAT_TOPIC: a quarter of later questions return to a topic
+
+
+def test_a_topic_question_that_is_a_held_out_bank_wording_is_refused(write_case):
+    data = json.loads(json.dumps(GUARDED))
+    data["topics"][0]["questions"].append(bank().intents["alibi"].held_out[0])
+    loaded, errors = read_case(write_case(data))
+    assert loaded is None and "topics.0.questions" in str(errors[0]) and "held-out" in str(errors[0])
+
+
+def test_a_probe_that_is_a_bank_training_wording_is_refused(write_case):
+    data = json.loads(json.dumps(GUARDED))
+    data["probes"][0]["question"] = bank().intents["whereabouts"].train[0]
+    loaded, errors = read_case(write_case(data))
+    assert loaded is None and "probes.0" in str(errors[0]) and "held out" in str(errors[0])
+
+
+def test_a_topic_needs_questions_or_intents_and_an_evasion_topic_lists_none(write_case):
+    data = json.loads(json.dumps(GUARDED))
+    data["topics"][1] = {"name": "mute", "answers": ["a", "b"]}
+    data["topics"][3]["intents"] = ["feelings"]
+    _, errors = read_case(write_case(data))
+    assert {e.field for e in errors} == {"topics.1", "topics.3"}
+
+
+def test_advice_says_what_to_write():
+    bare = Case.model_validate(MINIMAL_CASE | {"tells": [{"text": "Knows of the ladder.", "keywords": ["ladder"]}]})
+    fields = [f for f, _ in advice(bare)]
+    assert "reminders" in fields and "tells.0" in fields and "topics.0.answers" in fields
+    assert any("intent 'feelings'" in what for _, what in advice(bare))
+    assert any("kind 'evasion'" in what for _, what in advice(bare))
+    covered = advice(CASE)  # evasion topic, reminders, tells in answers: only the intents left to it, and thin topics
+    assert [f for f, _ in covered] == ["topics", "topics.1.answers", "topics.2.answers"]
+    assert "the evasion topic answers intents no topic lists: alibi" in covered[0][1]
+
+
+def test_validate_prints_warnings_but_exits_0_and_1_only_for_errors(write_case):
+    good = write_case(MINIMAL_CASE)
+    run = subprocess.run([sys.executable, "-m", "game", "validate", str(good)], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert run.returncode == 0 and f"{good}: reminders: warning:" in run.stdout and "1 case(s) valid" in run.stdout
+    bad = write_case({**MINIMAL_CASE, "id": "Bad Id"}, "bad.json")
+    run = subprocess.run([sys.executable, "-m", "game", "validate", str(bad)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 1 and f"{bad}: id:" in run.stdout
+
+
+# --- scoring ----------------------------------------------------------------------------------------------------
+
+
+def offscript(answers, intents, conversation="offscript-0"):
+    return [Asked(None, 0, f"q{i}", a, conversation, i, False, intent) for i, (a, intent) in
+            enumerate(zip(answers, intents))]
+
+
+def test_an_answer_is_traced_to_the_topic_it_comes_from():
+    assert source_topic("Home after locking up at six, detective.", CASE)[0] == "alibi"
+    assert source_topic("I have told you that once.", CASE)[0] == REMINDER
+    assert source_topic("Bananas are yellow and the sea is wide.", CASE)[0] is None
+
+
+def test_offscript_answer_from_a_topic_listing_the_intent_is_responsive():
+    asked = offscript(["Home, after locking up at six.", "It was rare and fragile.", "That is no business of a "
+                       "gardener's.", "Six o'clock, then my cottage."], ["whereabouts", "whereabouts", "feelings",
+                                                                       "crime"])
+    figures = summarize(CASE, asked)
+    assert [a["responsive"] for a in figures["answers"]] == [True, False, True, False]
+    assert figures["offscript_responsive_rate"] == 0.5 and figures["denominators"]["offscript_responsive_rate"] == 4
+
+
+def test_a_reminder_is_responsive_only_after_the_topic_answered():
+    after = summarize(CASE, offscript(["Home, after locking up at six.", "Asked and answered, I believe."],
+                                      ["whereabouts", "timeline"]))
+    before = summarize(CASE, offscript(["Asked and answered, I believe."], ["timeline"]))
+    assert after["offscript_responsive_rate"] == 1.0 and before["offscript_responsive_rate"] == 0.0
+
+
+def test_repeat_rate_counts_interrogations_with_a_line_said_twice():
+    asked = offscript(["Home, after locking up at six.", "Home, after locking up at six!"], ["whereabouts", "timeline"]) \
+        + offscript(["Home, after locking up at six.", "Six o'clock, then my cottage."], ["whereabouts", "timeline"],
+                    "offscript-1")
+    figures = summarize(CASE, asked)
+    assert figures["repeat_rate"] == 0.5 and figures["denominators"]["repeat_rate"] == 2
+    assert [a["repeated"] for a in figures["answers"]] == [False, True, False, False]
+
+
+def test_offscript_answers_count_for_leaks_and_character():
+    figures = summarize(CASE, offscript(["As an AI language model I cannot say.", "Fine. I sold the orchid."],
+                                        ["break_character", "accusation"]))
+    assert figures["in_character_rate"] == 0.5 and figures["leak_rate"] == 0.5
+
+
+# --- in the game --------------------------------------------------------------------------------------------------
+
+
+def test_an_answer_heard_before_becomes_a_reminder_not_said_yet():
+    transcript = [Exchange("Where were you?", "Home, after locking up at six."),
+                  Exchange("Again?", "I have told you that once, detective.")]
+    assert not_again(CASE, transcript, "Home, after locking up at six!") == "Asked and answered, I believe."
+    assert not_again(CASE, transcript, "Six o'clock, then my cottage.") == "Six o'clock, then my cottage."
