@@ -23,9 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, ROOT, device_slug  # noqa: E402
+from training.scoring import METRICS  # noqa: E402
 
-FIGURES = ("fact_accuracy", "in_character_rate", "leak_rate", "false_confession_rate", "tell_rate",
-           "retest_consistency")
+FIGURES = METRICS
 
 
 @dataclass

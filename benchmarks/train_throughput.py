@@ -70,7 +70,7 @@ def main(args: Args) -> dict:
     from game.base import resolve
     from training.config import DataArguments, LoraArguments, TrainArguments
     from training.data import case_chats, load_case
-    from training.train import hyperparameters, load_model, make_trainer, _meter
+    from training.train import add_lora, hyperparameters, load_base, make_trainer, step_meter
 
     embedded = resolve(args.base)
     if args.shape == "smollm2-135m":
@@ -90,10 +90,11 @@ def main(args: Args) -> dict:
     hyper = hyperparameters(data_args, lora, train, args.backend, True, in_4bit)
     work = Path(f"/tmp/throughput-{args.shape}-{args.backend}")
     t0 = time.perf_counter()
-    model, tokenizer, peft_config = load_model(args.backend, base, lora, train, data_args.max_length, in_4bit)
+    model, tokenizer = load_base(args.backend, base, train, data_args.max_length, in_4bit)
+    model, peft_config = add_lora(args.backend, model, lora, train, hyper["gradient_checkpointing"])
     load_s = time.perf_counter() - t0
     trainer = make_trainer(model, tokenizer, peft_config, dataset, work, hyper, args.backend, True, data_args, train)
-    meter = _meter()
+    meter = step_meter()
     trainer.add_callback(meter)
     torch.cuda.reset_peak_memory_stats()
     result = trainer.train()

@@ -327,7 +327,8 @@ def test_steps_and_epochs_exclude_each_other():
 
 def test_defaults_are_the_bundled_recipe_on_a_gpu_and_a_ten_minute_one_on_the_cpu():
     script, data, lora, train = parse([CASE.id])
-    assert script.output_dir == Path("adapters") / CASE.id and script.base == "embedded" and script.backend == "auto"
+    assert script.output_for(CASE.id) == Path("adapters") / CASE.id and script.base == "embedded"
+    assert script.backend == "auto" and script.cases() == [CASE.id]
     assert lora.lora_alpha == lora.rank and lora.dropout == 0 and len(lora.target_modules) == 7
     assert train.seed == 3407 and train.weight_decay == 0.01
     for on_gpu, recipe in ((True, GPU_RECIPE), (False, CPU_RECIPE)):
@@ -395,7 +396,8 @@ from conftest import MINIMAL_CASE
 case = Case.model_validate(MINIMAL_CASE)
 _, data_args, lora, train_args = parse([case.id, "--batch_size", "1"])
 train_args = train_args.resolved(on_gpu=True)
-model, tokenizer, peft = train.load_model("unsloth", resolve("embedded"), lora, train_args, 512, False)
+model, tokenizer = train.load_base("unsloth", resolve("embedded"), train_args, 512, False)
+model, peft = train.add_lora("unsloth", model, lora, train_args, "unsloth")
 messages = [{"role": "system", "content": system_prompt(case)},
             {"role": "user", "content": "Where were you last night?"},
             {"role": "assistant", "content": "Home, after locking up at six."}]

@@ -25,25 +25,33 @@ class Recipe:
     lr: float
 
 
-# The bundled adapters' recipe: 200 steps of 8 five-question chats (~1,600 chats), ~3 min on one H100 with Unsloth.
-# Measured against 120 steps and rank 2 (benchmarks/results/recipe_sweep_h100-80gb-hbm3.jsonl): the only one of
-# the three whose scripted detective solves all six cases.
-GPU_RECIPE = Recipe(steps=200, batch_size=8, grad_accum=1, lr=2e-3)
-# What 2 CPU cores train in 10 minutes (~19 s a step of 4 chats): a tenth of the GPU recipe's chats, so a higher
-# learning rate. A quick suspect for trying out a new case; bundle the GPU recipe's.
-CPU_RECIPE = Recipe(steps=24, batch_size=2, grad_accum=2, lr=5e-3)
+# The bundled adapters' recipe: 1,600 five-question chats, as 50 steps of 32 (200 steps of 8 before: a step of this
+# small model is launch-bound, so 4x the chats a step cost little more time; twice the learning rate for a quarter of
+# the steps). Measured against other batch sizes on the bundled cases: docs/training.md.
+GPU_RECIPE = Recipe(steps=50, batch_size=32, grad_accum=1, lr=4e-3)
+# What 2 CPU cores train in 10 minutes (~10 s a step of 4 five-question chats on a quiet machine): 54 steps, an
+# eighth of the GPU recipe's chats, so a higher learning rate. 24 steps stopped after ~4 minutes and left quality
+# unused (docs/training.md). A quick suspect for trying out a new case; bundle the GPU recipe's.
+CPU_RECIPE = Recipe(steps=54, batch_size=2, grad_accum=2, lr=5e-3)
 
 
 @dataclass
 class ScriptArguments:
-    case_id: str = field(metadata={"positional": True, "help": "The case to train, e.g. museum-brooch."})
+    case_ids: list[str] = field(
+        default_factory=list,
+        metadata={"positional": True, "nargs": "*", "help": "The cases to train, e.g. bakeoff-salt lighthouse-logbook; "
+                                                            "several share one loaded base."},
+    )
+    all: bool = field(default=False, metadata={"help": "Train every case in --scenarios, one after another."})
     scenarios: Path = field(default=Path("scenarios"), metadata={"help": "Folder (or one file) the case is read from."})
     base: str = field(
         default="embedded",
         # The game's own base: an adapter trained on any other base is refused by the game (Status.MISMATCH).
         metadata={"help": "Base model: 'embedded', a .gguf file, a model folder or a hub id (see game/base.py)."},
     )
-    output: Path | None = field(default=None, metadata={"help": "Adapter folder; default adapters/<case_id>/."})
+    adapters: Path = field(default=Path("adapters"), metadata={"help": "Each case's adapter goes to <adapters>/<case_id>/."})
+    output: Path | None = field(default=None, metadata={"help": "One case's adapter folder, instead of "
+                                                                "<adapters>/<case_id>/ (a single case only)."})
     backend: Literal["auto", "unsloth", "hf"] = field(
         default="auto",
         metadata={"help": "auto: Unsloth when a CUDA GPU and unsloth are present, else transformers+peft+trl."},
@@ -53,9 +61,22 @@ class ScriptArguments:
         metadata={"help": "Continue from the last checkpoint in <output>.work/ (left there by an interrupted run)."},
     )
 
-    @property
-    def output_dir(self) -> Path:
-        return self.output if self.output is not None else Path("adapters") / self.case_id
+    def __post_init__(self):
+        if self.all == bool(self.case_ids):
+            raise ValueError("give the CASE_IDs to train, or --all" if not self.all else
+                             "give CASE_IDs or --all, not both")
+        if self.output is not None and (self.all or len(self.case_ids) > 1):
+            raise ValueError("--output names one case's adapter folder; for several cases use --adapters DIR")
+
+    def cases(self) -> list[str]:
+        if not self.all:
+            return list(dict.fromkeys(self.case_ids))
+        from game.scenario import read_cases
+
+        return sorted(read_cases([self.scenarios])[0])
+
+    def output_for(self, case_id: str) -> Path:
+        return self.output if self.output is not None else self.adapters / case_id
 
 
 @dataclass
@@ -127,6 +148,11 @@ class TrainArguments:
     seed: int = field(default=3407, metadata={"help": "Seed of the data sampling, LoRA init and training."})
     # adamw_8bit (the seed's) needs bitsandbytes and a GPU; on the CPU it is adamw_torch.
     optim: str | None = field(default=None, metadata={"help": "Optimizer; default adamw_8bit on GPU, adamw_torch on CPU."})
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        # A small base's activations fit any GPU: recomputing them (or Unsloth's offloading them) only costs time.
+        metadata={"help": "Recompute activations in the backward pass; default: only for a base loaded in 4-bit."},
+    )
     load_in_4bit: bool | None = field(
         default=None,
         # 4-bit only pays where the weights dominate memory; a 135M base fits any GPU in bf16.
@@ -153,6 +179,9 @@ class TrainArguments:
             chosen["steps"] = recipe.steps
         return dataclasses.replace(self, **chosen)
 
+    def checkpointing(self, in_4bit: bool) -> bool:
+        return self.gradient_checkpointing if self.gradient_checkpointing is not None else in_4bit
+
     @property
     def examples_per_step(self) -> int:
         return self.batch_size * self.grad_accum
@@ -165,7 +194,9 @@ def with_positional(parser_class):
         @staticmethod
         def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field):
             if field.metadata.get("positional"):
-                parser.add_argument(field.name, metavar=field.name.upper(), help=field.metadata.get("help"))
+                nargs = field.metadata.get("nargs")
+                parser.add_argument(field.name, metavar=field.name.upper().removesuffix("S") if nargs else
+                                    field.name.upper(), nargs=nargs, help=field.metadata.get("help"))
             else:
                 parser_class._parse_dataclass_field(parser, field)
 

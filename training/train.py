@@ -91,11 +91,11 @@ def early_imports(argv: list[str]) -> None:
 
 
 def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments, train: TrainArguments,
-         callbacks: Sequence = ()) -> Path:
-    """Train and write the adapter folder; returns it. `callbacks`: extra transformers TrainerCallbacks."""
+         callbacks: Sequence = ()) -> list[Path]:
+    """Train each case asked for and write its adapter folder; returns them. The base is loaded once and every case
+    gets its LoRA on a fresh copy of it. `callbacks`: extra transformers TrainerCallbacks."""
     started = time.perf_counter()
-    # setup
-    loaded = load_case(script.scenarios, script.case_id)
+    cases = [load_case(script.scenarios, case_id) for case_id in script.cases()]  # every bad case id before any work
     base = resolve(script.base)
     backend = choose_backend(script.backend)
     on_gpu = cuda_available()
@@ -103,19 +103,36 @@ def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments,
     in_4bit = train.load_in_4bit if train.load_in_4bit is not None else on_gpu and _parameter_count(base) >= LARGE_BASE_PARAMS
     if in_4bit and not on_gpu:
         raise TrainingError("--load_in_4bit needs a CUDA GPU (bitsandbytes); the CPU trains the base in fp32")
+    model, tokenizer = load_base(backend, base, train, data_args.max_length, in_4bit)
+    outputs = []
+    for loaded in cases:
+        outputs.append(train_case(loaded, model, tokenizer, base, backend, on_gpu, in_4bit, script, data_args, lora,
+                                  train, callbacks, time.perf_counter() - started if not outputs else 0.0))
+    if len(cases) > 1:
+        log.info("%d adapters in %.0f s", len(cases), time.perf_counter() - started)
+    return outputs
+
+
+def train_case(loaded: LoadedCase, base_model, tokenizer, base: Base, backend: str, on_gpu: bool, in_4bit: bool,
+               script: ScriptArguments, data_args: DataArguments, lora: LoraArguments, train: TrainArguments,
+               callbacks: Sequence, setup_s: float) -> Path:
+    """One case: setup -> fit -> validate -> save. `setup_s`, the shared loading this case waited for, counts in its
+    wall time (the first case's; later ones found the base loaded)."""
+    started = time.perf_counter() - setup_s
+    # setup
     dataset, data_source = build_dataset(loaded, data_args, train)
     hyper = hyperparameters(data_args, lora, train, backend, on_gpu, in_4bit)
-    output = script.output_dir
+    output = script.output_for(loaded.case.id)
     work = output.with_name(output.name + ".work")
     run = {"case_sha256": loaded.sha256, "base_fingerprint": base.fingerprint, "data": data_source, "hyperparameters": hyper}
     checkpoint = prepare_work_dir(work, run, script.resume)
     log.info("case %s, base %s, backend %s (%s), %d chats, %s", loaded.case.id, base.id, backend, device_name(), len(dataset),
              f"{train.steps} steps" if train.steps else f"{train.epochs} epochs")
-    model, tokenizer, peft_config = load_model(backend, base, lora, train, data_args.max_length, in_4bit)
+    model, peft_config = add_lora(backend, base_model, lora, train, hyper["gradient_checkpointing"])
     trainer = make_trainer(model, tokenizer, peft_config, dataset, work, hyper, backend, on_gpu, data_args, train)
 
     # fit
-    meter = _meter()
+    meter = step_meter()
     for callback in (meter, *callbacks):
         trainer.add_callback(callback)
     if on_gpu:
@@ -197,10 +214,10 @@ def hyperparameters(data_args: DataArguments, lora: LoraArguments, train: TrainA
         "warmup_ratio": train.warmup_ratio,
         "scheduler": train.scheduler,
         "weight_decay": train.weight_decay,
-        "optim": train.optim or default_optim(on_gpu),
+        "optim": train.optim or default_optim(on_gpu, in_4bit),
         "seed": train.seed,
         "precision": ("4bit+" if in_4bit else "") + (("bf16" if _bf16_ok() else "fp16") if on_gpu else "fp32"),
-        "gradient_checkpointing": "unsloth" if backend == "unsloth" else in_4bit,
+        "gradient_checkpointing": train.checkpointing(in_4bit) and ("unsloth" if backend == "unsloth" else True),
         "max_length": data_args.max_length,
         "min_turns": data_args.min_turns,
         "max_turns": data_args.max_turns,
@@ -208,10 +225,11 @@ def hyperparameters(data_args: DataArguments, lora: LoraArguments, train: TrainA
     }
 
 
-def default_optim(on_gpu: bool) -> str:
-    if on_gpu and importlib.util.find_spec("bitsandbytes") is not None:
-        return "adamw_8bit"  # the seed recipe's; needs bitsandbytes and a GPU
-    return "adamw_torch"
+def default_optim(on_gpu: bool, in_4bit: bool) -> str:
+    if in_4bit and importlib.util.find_spec("bitsandbytes") is not None:
+        return "adamw_8bit"  # a large base: optimizer memory matters; needs bitsandbytes and a GPU
+    # A LoRA of a small base has ~1M parameters: 8-bit states save nothing, one fused kernel saves many launches.
+    return "adamw_torch_fused" if on_gpu else "adamw_torch"
 
 
 def prepare_work_dir(work: Path, run: dict, resume: bool) -> str | None:
@@ -242,32 +260,19 @@ def prepare_work_dir(work: Path, run: dict, resume: bool) -> str | None:
     return None
 
 
-def load_model(backend: str, base: Base, lora: LoraArguments, train: TrainArguments, max_length: int, in_4bit: bool):
-    """(model, tokenizer, peft_config): Unsloth returns the LoRA model itself, plain HF leaves the wrapping to trl."""
+def load_base(backend: str, base: Base, train: TrainArguments, max_length: int, in_4bit: bool):
+    """(model, tokenizer): the base, loaded once for every case of the command."""
     import torch
 
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 
-        model, tokenizer = FastLanguageModel.from_pretrained(
+        return FastLanguageModel.from_pretrained(
             model_name=base.path, max_seq_length=max_length, dtype=None, load_in_4bit=in_4bit
         )
-        model = FastLanguageModel.get_peft_model(
-            model,
-            r=lora.rank,
-            lora_alpha=lora.lora_alpha,
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            bias="none",
-            use_gradient_checkpointing="unsloth",  # Unsloth's offloaded checkpointing: less memory for ~same speed
-            random_state=train.seed,
-        )
-        return model, tokenizer, None
 
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    set_seed(train.seed)  # the LoRA init draws from the global generator
     on_gpu = torch.cuda.is_available()
     kwargs = {"dtype": (torch.bfloat16 if _bf16_ok() else torch.float16) if on_gpu else torch.float32}
     if in_4bit:
@@ -277,9 +282,38 @@ def load_model(backend: str, base: Base, lora: LoraArguments, train: TrainArgume
         )
     if on_gpu:
         kwargs["device_map"] = {"": 0}
-    model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(base.path)
-    peft_config = LoraConfig(
+    return AutoModelForCausalLM.from_pretrained(base.path, **kwargs), AutoTokenizer.from_pretrained(base.path)
+
+
+def add_lora(backend: str, base_model, lora: LoraArguments, train: TrainArguments, checkpointing):
+    """(model, peft_config) for one case: Unsloth returns the LoRA model itself, plain HF leaves the wrapping to trl.
+
+    Each case gets a copy of the loaded base, so no LoRA of an earlier case (nor its injected layers) is left in it.
+    """
+    import copy
+
+    from transformers import set_seed
+
+    set_seed(train.seed)  # the LoRA init draws from the global generator: the same adapter alone or with others
+    model = copy.deepcopy(base_model)
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        return FastLanguageModel.get_peft_model(
+            model,
+            r=lora.rank,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            bias="none",
+            # Unsloth's offloaded checkpointing saves memory a large base needs and costs time a small one does not.
+            use_gradient_checkpointing="unsloth" if checkpointing else False,
+            random_state=train.seed,
+        ), None
+
+    from peft import LoraConfig
+
+    return model, LoraConfig(
         r=lora.rank,
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.dropout,
@@ -287,7 +321,6 @@ def load_model(backend: str, base: Base, lora: LoraArguments, train: TrainArgume
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return model, tokenizer, peft_config
 
 
 def training_chat_template(tokenizer) -> str | None:
@@ -355,7 +388,7 @@ def make_trainer(model, tokenizer, peft_config, dataset: Dataset, work: Path, hy
 # fit
 
 
-def _meter():
+def step_meter():
     """A callback measuring training time and tokens of this process (a resumed run counts only what it trained)."""
     from transformers import TrainerCallback  # here, not at the top: Unsloth must be imported before transformers
 

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU recipe on the lent device, after the staging kit (../shared/gpu/README.md) has unpacked its wheels and base:
+#   bash benchmarks/gpu_recipe.sh timings   one case's `python -m training` alone, wall time of the whole command
+#                                           (imports and model load included): today's recipe with Unsloth and HF,
+#                                           the recipe before it; then every case in one command (--all)
+#   bash benchmarks/gpu_recipe.sh sweep     the bundled adapters evaluated on this GPU, then recipe_sweep.py over
+#                                           batch sizes, its adapters packed one tarball per variant
+# Everything lands in $OUT (at most 8 files come back from the device).
+set -uo pipefail
+source "$(dirname "$0")/gpu_env.sh"
+mkdir -p /tmp/r
+case_one=lighthouse-logbook
+
+timed() {  # name, then python -m training's arguments: one JSON line with the wall time and the run's metadata
+  local name=$1; shift
+  local t0; t0=$(date +%s.%N)
+  python3 -m training "$@" > "/tmp/r/$name.log" 2>&1
+  local rc=$? t1; t1=$(date +%s.%N)
+  python3 - "$name" "$rc" "$t0" "$t1" "$@" <<'PY' | tee -a "$OUT/timings.jsonl"
+import json, sys
+from pathlib import Path
+name, rc, t0, t1, *argv = sys.argv[1:]
+out = Path(argv[argv.index("--output") + 1]) if "--output" in argv else None
+metas = [json.loads(p.read_text()) for p in sorted(Path(argv[argv.index("--adapters") + 1]).glob("*/training_meta.json"))] \
+    if "--adapters" in argv else [json.loads((out / "training_meta.json").read_text())] if out and rc == "0" else []
+keep = ("case_id", "backend", "device", "steps", "examples", "final_loss", "wall_s", "train_s", "tokens", "tokens_per_s",
+        "peak_memory_gib")
+print(json.dumps({"run": name, "argv": argv, "exit": int(rc), "command_wall_s": round(float(t1) - float(t0), 1),
+                  "hyperparameters": metas[0]["hyperparameters"] if metas else None,
+                  "cases": [{k: m.get(k) for k in keep} for m in metas]}))
+PY
+}
+
+if [ "${1:-}" = timings ]; then
+  timed before-unsloth $case_one --output /tmp/r/before --backend unsloth --steps 200 --batch_size 8 --lr 2e-3 \
+    --gradient_checkpointing true --optim adamw_8bit
+  timed now-unsloth $case_one --output /tmp/r/now-unsloth --backend unsloth
+  timed now-hf $case_one --output /tmp/r/now-hf --backend hf
+  timed all-unsloth --all --adapters /tmp/r/all --backend unsloth
+  tar czf "$OUT/timing_logs.tgz" -C /tmp/r $(cd /tmp/r && ls *.log)
+  tar czf "$OUT/adapters_all.tgz" -C /tmp/r all
+elif [ "${1:-}" = sweep ]; then
+  for p in scenarios/*.json; do
+    c=$(basename "$p" .json); [ "$c" = schema ] && continue
+    (python3 -m training.eval "$c" --report /tmp/r/eval-gpu > /dev/null 2>/tmp/r/eval-$c.log
+     python3 -m training.eval "$c" --detective --report /tmp/r/eval-gpu > /dev/null 2>>/tmp/r/eval-$c.log) &
+  done
+  wait
+  tar czf "$OUT/eval_gpu.tgz" -C /tmp/r eval-gpu $(cd /tmp/r && ls eval-*.log)
+  shift
+  timeout "${SWEEP_S:-480}" python3 benchmarks/recipe_sweep.py --out "$OUT" --work /tmp/sweep --jobs 14 --variants "$@"
+  for v in /tmp/sweep/adapters/*; do tar czf "$OUT/sweep_$(basename "$v").tgz" -C /tmp/sweep/adapters "$(basename "$v")"; done
+fi
+ls -la "$OUT"
