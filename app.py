@@ -104,14 +104,15 @@ def score_markdown(score: Score) -> str:
 
 
 def transcript_messages(verdict: Verdict) -> list[dict]:
-    """The game's exchanges, each answer followed by what it gave away: a tell slipped, or a quirk that misled."""
-    title = "🔎 A slip" if verdict.result.guilty else "🎭 A quirk, not guilt"
+    """The game's exchanges, each answer followed by what it gave away: a tell slipped, or a quirk that misled.
+
+    The marks are lines of the answer's own message: Gradio's collapsible message titles have unnamed buttons."""
+    mark = "🔎 A slip: " if verdict.result.guilty else "🎭 A quirk, not guilt: "
     messages = []
     for exchange, slipped in zip(verdict.result.transcript, verdict.slips):
+        answer = "\n\n".join([exchange.answer, *(mark + text for text in slipped)])
         messages += [{"role": "user", "content": html.escape(exchange.question, quote=False)},
-                     {"role": "assistant", "content": html.escape(exchange.answer, quote=False)}]
-        messages += [{"role": "assistant", "content": html.escape(text, quote=False),
-                      "metadata": {"title": title}} for text in slipped]
+                     {"role": "assistant", "content": html.escape(answer, quote=False)}]
     return messages
 
 
@@ -155,7 +156,7 @@ def build_app(room: Room, answers_at_once: int = ANSWERS_AT_ONCE) -> gr.Blocks:
                 with gr.Column(scale=2, min_width=260, elem_id="case-file"):
                     case_file = gr.Markdown()
                     # Never an input of any event: what the player writes here stays in their browser.
-                    notes = gr.Textbox(label="Your notes", lines=4, elem_id="notes",
+                    notes = gr.Textbox(label="Your notes", lines=4, elem_id="notes", interactive=True,
                                        placeholder="Times, places, anything that does not add up…",
                                        info="Only in this browser tab: never sent to the server.")
         with gr.Column(visible=False) as result_screen:

@@ -134,7 +134,8 @@ def open_page(browser, url: str, viewport: dict, wire: bool = True):
     page = context.new_page()
     page.wire = Wire(page) if wire else None
     page.goto(url)
-    expect(page.locator("#begin")).to_be_enabled()  # the random case of the page's first load is on screen
+    # The random case of the page's first load is on screen (a busy server may take a while).
+    expect(page.locator("#begin")).to_be_enabled(timeout=ANSWER_WAIT_MS)
     if wire:
         page.wire.settle()
     return page
@@ -379,18 +380,6 @@ def test_the_score_counts_games_right_verdicts_and_the_streak(page, bundled):
     expect(score).to_have_text("Your score: 2 of 3 verdicts right · current streak 0")
 
 
-def marks_shown(page) -> list[tuple[str, list[str]]]:
-    """Each answer of the result's transcript, with the marks that follow it."""
-    out = []
-    for message in page.locator("#transcript [data-testid=bot]").all():
-        text = message.inner_text().strip()
-        if message.locator(".thought-group, [class*=thought], button").count() and out:
-            out[-1][1].append(text)
-        else:
-            out.append((text, []))
-    return out
-
-
 def test_the_result_marks_each_answer_that_slipped_a_tell(page):
     from game.review import slips
     from game.scenario import Case
@@ -404,11 +393,10 @@ def test_the_result_marks_each_answer_that_slipped_a_tell(page):
     page.locator("#guilty").click()
     expect(page.locator("#result")).to_contain_text(MINIMAL_CASE["truth"])
     expected = slips(Case.model_validate(MINIMAL_CASE), [Exchange(q, a) for q, a in zip("ab", answers)])
-    transcript = page.locator("#transcript")
-    for marks in expected:
-        for mark in marks:
-            expect(transcript).to_contain_text(mark)
-    expect(transcript.get_by_text("🔎 A slip")).to_have_count(sum(map(len, expected)))
+    shown = bubbles(page, "transcript", "bot")
+    assert [a.count("🔎 A slip: ") for a in shown] == [len(marks) for marks in expected]
+    for answer, marks in zip(shown, expected):
+        assert all(f"🔎 A slip: {mark}" in answer for mark in marks)
     check_screen(page, "result-marks")
 
 
@@ -439,8 +427,9 @@ def test_while_answering_the_page_says_so_and_locks_the_question_box(browser, se
         seen = page.evaluate("window.seen")
         name = page.locator("#case-file strong").first.inner_text()
         thinking = [s for s in seen if f"{name} is thinking…" in s["text"]]
-        assert thinking and all(s["locked"] for s in thinking), seen
-        assert any(re.search(r"is thinking… 3 s", s["text"]) for s in thinking), thinking
+        # Gradio's own timer may sit above the line as the answer ends: while only the line shows, the box is locked.
+        assert thinking and all(s["locked"] for s in thinking if "\n" not in s["text"]), seen
+        assert any(re.search(r"is thinking… ([3-9]|\d\d+) s", s["text"]) for s in thinking), thinking
     finally:
         close_page(page)
 
@@ -459,7 +448,8 @@ def test_a_queued_player_sees_their_place_in_the_queue(browser, served, serve):
         for page in pages:
             expect(page.locator("#progress")).to_have_text("Question 2 of 5", timeout=ANSWER_WAIT_MS)
         seen = [s["text"] for page in pages for s in page.evaluate("window.seen")]
-        assert any(re.search(r"queue: [12]/\d", text) for text in seen), seen
+        # Place 1 is shown for a moment to anyone about to be served; place 2 is a player waiting behind another.
+        assert any(re.search(r"queue: [2-9]/[2-9]", text) for text in seen), seen
     finally:
         for page in pages:
             close_page(page)
@@ -504,3 +494,44 @@ def test_a_whole_game_on_a_phone(page, bundled):
     case = next(c for c in bundled if not c["guilty"])
     play_whole_game(page, case, "innocent", "phone-game")
     expect(page.locator("#result")).to_contain_text("You were right")
+
+
+README_CASE = "theatre-understudy"  # a bundled case whose fine-tuned suspect slips two tells in three answers
+README_QUESTIONS = ["Where were you during the interval?", "What was in the flask?",
+                    "When did you reach the wardrobe room?"]
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(tmp_path_factory, serve):
+    """A room of one bundled case and its bundled adapter, the game's own settings: what a player gets."""
+    folder = tmp_path_factory.mktemp("readme")
+    scenarios = folder / "scenarios"
+    scenarios.mkdir()
+    case_file = ROOT / "scenarios" / f"{README_CASE}.json"
+    (scenarios / case_file.name).write_bytes(case_file.read_bytes())  # the same bytes: the adapter is not stale
+    room = open_room(GameConfig(scenarios=scenarios, adapters=ROOT / "adapters", results=folder / "results.db"))
+    return json.loads(case_file.read_text()), serve(room)
+
+
+def test_readme_pictures_from_a_fine_tuned_suspect(browser, fine_tuned):
+    """docs/screenshot.png (questioning, the case file at hand) and docs/result.png (the slips marked)."""
+    case, url = fine_tuned
+    page = open_page(browser, url, {"width": 1280, "height": 900})
+    try:
+        expect(page.locator("#briefing")).to_contain_text("Fine-tuned suspect")
+        page.locator("#begin").click()
+        for n, question in enumerate(README_QUESTIONS, start=2):
+            ask(page, question, f"Question {n} of 5")
+        assert all(bubbles(page, "chat", "bot"))
+        page.locator("#notes textarea").fill("Late to wardrobe: where was she from 8:40?\nWho said chilli?")
+        assert not leaks(page.wire.text() + page.content(), case)
+        check_screen(page, "readme-questioning")
+        shoot(page, "", ROOT / "docs" / "screenshot.png")
+        page.locator("#guilty").click()
+        expect(page.locator("#result")).to_contain_text(case["truth"])
+        shown = "\n".join(bubbles(page, "transcript", "bot"))
+        assert any(f"🔎 A slip: {tell['text']}" in shown for tell in case["tells"]), shown
+        check_screen(page, "readme-result")
+        shoot(page, "", ROOT / "docs" / "result.png")
+    finally:
+        close_page(page)
