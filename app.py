@@ -91,10 +91,11 @@ def thinking(name: str) -> str:
 
 def standing(correct: bool, record: CaseRecord) -> str:
     """How this player did against everyone who has played the case, this game included."""
+    missed = record.played - record.solved
     rate = f"{record.solved} of {record.played} players got this case right ({round(100 * record.solved / record.played)}%)"
     if correct:
-        return rate + (": you are one of them." if record.solved > 1 else ": you are the first.")
-    return rate + f"; {record.played - record.solved} of them missed it, as you did."
+        return rate + (": you are one of them." if record.solved > 1 else ": you are the only one so far.")
+    return rate + (f"; you are among the {missed} who missed it." if missed > 1 else "; you are the only one who missed it.")
 
 
 def score_markdown(score: Score) -> str:

@@ -79,13 +79,15 @@ class Wire:
 
 
 def hidden_parts(case: dict) -> list[str]:
-    """The case's truth, each of its sentences, and each run of five of its words that nothing public contains."""
+    """The case's truth, each of its sentences, each run of five of its words that nothing public contains, and
+    the text of each tell and quirk (the result screen's marks)."""
     truth = case["truth"]
     public = json.dumps({k: v for k, v in case.items() if k not in ("truth", "guilty")}).casefold()
     sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", truth) if s.strip()]
     words = truth.split()
     runs = [" ".join(words[i:i + 5]) for i in range(len(words) - 4)]
-    return [truth, *sentences, *(r for r in runs if r.casefold() not in public)]
+    marks = [tell["text"] for tell in case.get("tells", [])] + case.get("quirks", [])
+    return [truth, *sentences, *(r for r in runs if r.casefold() not in public), *marks]
 
 
 GUILTY_KEY = re.compile(r"""["']guilty["']\s*:\s*(true|false)""", re.IGNORECASE)
@@ -339,6 +341,7 @@ def test_each_case_chosen_by_title_is_the_case_questioned(page, bundled):
         expect(file).to_contain_text(f"Case file: {case['title']}")
         expect(file).to_contain_text(case["briefing"])
         ask(page, "What happened?", "Question 2 of 5")
+        assert not leaks(page.wire.text() + page.content(), case)
         page.locator("#innocent").click()
         expect(page.locator("#result")).to_contain_text(case["truth"])  # the server played this very case
         page.locator("#new-case").click()
