@@ -101,7 +101,7 @@ def standing(correct: bool, record: CaseRecord) -> str:
 def score_markdown(score: Score) -> str:
     if not score.played:
         return "Your score: no verdicts yet."
-    return (f"Your score: **{score.right} of {score.played}** verdicts right · current streak **{score.streak}**")
+    return f"Your score: **{score.right} of {score.played}** verdicts right · current streak **{score.streak}**"
 
 
 def transcript_messages(verdict: Verdict) -> list[dict]:
