@@ -20,6 +20,7 @@ from game import adapters as adapter_files
 from game.base import resolve
 from game.config import GameConfig
 from game.results import CaseRecord, ResultStore
+from game.review import slips
 from game.scenario import LoadedCase, Persona, load_cases
 from game.session import Exchange, MoveRefused, Result, Session
 
@@ -55,6 +56,7 @@ class Briefing:
 class Verdict:
     result: Result
     record: CaseRecord | None  # this case's record over all players, this game included
+    slips: tuple[tuple[str, ...], ...]  # per exchange: the tells (guilty) or quirks (innocent) its answer showed
 
 
 class Room:
@@ -95,6 +97,9 @@ class Room:
             self._games[game_id] = new = move(self._games[game_id])
             return new
 
+    def persona(self, game_id: str) -> Persona:
+        return self.cases[self.session(game_id).case_id].case.suspect
+
     def check_question(self, game_id: str, question: str) -> None:
         """Raise what `ask` would refuse this question with now (MoveRefused, UnknownGame), without asking it."""
         self.session(game_id).ask(question)
@@ -125,7 +130,8 @@ class Room:
                 record = self.store.case_record(session.case_id)
             except Exception:  # a full disk must not take the result from the player
                 log.exception("could not record game %s", game_id)
-        return Verdict(session.result, record)
+        case = self.cases[session.case_id].case
+        return Verdict(session.result, record, slips(case, session.result.transcript))
 
 
 def open_room(config: GameConfig) -> Room:

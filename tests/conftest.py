@@ -84,8 +84,9 @@ def serve():
 
     demos = []
 
-    def start(room) -> str:
-        demos.append(launch(room, prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True))
+    def start(room, **options) -> str:
+        demos.append(launch(room, prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
+                            **options))
         return demos[-1].local_url
 
     yield start

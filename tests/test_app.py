@@ -71,7 +71,8 @@ def test_a_full_guilty_game_refuses_the_sixth_question_and_records_the_result(se
     result_text, transcript, *_ = client.predict(api_name="/guilty")
     assert "You were right" in result_text and MINIMAL_CASE["truth"] in result_text
     assert "1 of 1 players got this case right" in result_text
-    assert [text_of(m) for m in transcript[1::2]] == answers
+    # Each answer, then the tells it let slip, if any, as lines of its message.
+    assert [text_of(m).split("\n\n🔎 A slip: ")[0] for m in transcript[1::2]] == answers
     with pytest.raises(Exception, match="already been given"):
         client.predict(api_name="/innocent")
     [game] = room.store.games(MINIMAL_CASE["id"])
@@ -90,3 +91,16 @@ def test_question_with_markup_is_shown_as_text(served):
     client.predict(MINIMAL_CASE["id"], api_name="/new_game")
     history, *_ = client.predict("<script>alert(1)</script>Who?", [], api_name="/ask")
     assert text_of(history[-2]) == "&lt;script&gt;alert(1)&lt;/script&gt;Who?"
+
+
+def test_the_verdict_says_how_the_player_did_against_everyone_on_the_case():
+    from app import standing
+    from game.results import CaseRecord
+
+    assert standing(True, CaseRecord(played=1, solved=1)) == (
+        "1 of 1 players got this case right (100%): you are the only one so far.")
+    assert standing(True, CaseRecord(played=4, solved=3)) == "3 of 4 players got this case right (75%): you are one of them."
+    assert standing(False, CaseRecord(played=4, solved=3)) == (
+        "3 of 4 players got this case right (75%); you are the only one who missed it.")
+    assert standing(False, CaseRecord(played=3, solved=0)) == (
+        "0 of 3 players got this case right (0%); you are among the 3 who missed it.")
