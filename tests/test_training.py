@@ -317,6 +317,34 @@ def test_unknown_case_is_named_with_the_cases_that_exist(scenarios):
         load_case(scenarios, "nope")
 
 
+def test_several_cases_train_in_one_command_each_into_its_own_folder(tmp_path, base):
+    folder = tmp_path / "scenarios"
+    other = {**MINIMAL_CASE, "id": "greenhouse-window", "guilty": False, "tells": [], "quirks": ["Hums."]}
+    for data in (MINIMAL_CASE, other):
+        (folder / f"{data['id']}.json").parent.mkdir(exist_ok=True)
+        (folder / f"{data['id']}.json").write_text(json.dumps(data))
+    run = subprocess.run([sys.executable, "-m", "training", "--all", "--scenarios", str(folder), "--adapters",
+                          str(tmp_path / "out"), *TINY], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for data in (MINIMAL_CASE, other):
+        meta = adapters.read_meta(tmp_path / "out" / data["id"])
+        assert meta["case_id"] == data["id"] and meta["steps"] == 2
+        loaded = load_case(folder, data["id"])
+        assert adapters.inspect(tmp_path / "out", loaded, base).status is adapters.Status.READY
+    assert "2 adapters in" in run.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "give the CASE_IDs to train, or --all"),
+    (["a", "--all"], "give CASE_IDs or --all, not both"),
+    (["a", "b", "--output", "x"], "--output names one case's adapter folder"),
+])
+def test_which_cases_to_train_is_checked(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse(argv)
+    assert message in capsys.readouterr().err
+
+
 # --- arguments --------------------------------------------------------------------------------------------------
 
 

@@ -63,7 +63,7 @@ def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int
         asked: list[int] = []
         said: set[str] = set()
         exchanges = []
-        for turn in range(turns):
+        for _ in range(turns):
             fresh = [i for i in range(len(dialogue)) if i not in asked]
             # A topic returns only while it has something left to say: a new answer, else a new reminder.
             again = [i for i in dict.fromkeys(asked) if unsaid(dialogue[i][0].answers, said)
