@@ -217,6 +217,7 @@ def build_app(room: Room, answers_at_once: int = ANSWERS_AT_ONCE) -> gr.Blocks:
             for partial in stream:
                 history[-1] = {"role": "assistant", "content": html.escape(partial, quote=False)}
                 yield history, *locked
+            yield history, *controls(gid)  # what an API caller is left with: the counter, the box open again
 
         def controls(gid: str | None):
             """The question box and the buttons as the rules now allow, after an answer or a failed one."""

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from app import status
 from conftest import INNOCENT_CASE, MINIMAL_CASE, connect, text_of, write_scenarios
 from game import adapters as adapter_files
 from game.config import GameConfig
@@ -165,8 +166,8 @@ def test_empty_and_over_long_questions_are_refused_and_cost_nothing(served, clie
             client.predict(empty, [], api_name="/ask")
     with pytest.raises(Exception, match="the question is 600 characters long; the limit is 500"):
         client.predict("x" * 600, [], api_name="/ask")
-    history, _, progress, *_ = client.predict("Was the greenhouse locked at six?", [], api_name="/ask")
-    assert progress == "Question 2 of 5"
+    history, progress, *_ = client.predict("Was the greenhouse locked at six?", [], api_name="/ask")
+    assert progress == status("Question 2 of 5")
     client.predict(api_name="/innocent")
     assert ["Was the greenhouse locked at six?"] in stored_questions(room, INNOCENT_CASE["id"])
 
@@ -246,9 +247,9 @@ def test_bad_input_leaves_another_players_game_untouched(served):
             pass
     with pytest.raises(Exception, match="not in the list of choices"):
         vandal.predict("../../etc/passwd", api_name="/new_game")
-    history, _, progress, *_ = player.predict("Undisturbed: and after that?", [], api_name="/ask")
+    history, progress, *_ = player.predict("Undisturbed: and after that?", [], api_name="/ask")
     assert [text_of(m) for m in history if m["role"] == "user"] == ["Undisturbed: and after that?"]
-    assert progress == "Question 3 of 5"
+    assert progress == status("Question 3 of 5")
     result, *_ = player.predict(api_name="/guilty")
     assert "You were right" in result
     assert ["Undisturbed: where were you?", "Undisturbed: and after that?"] in stored_questions(room, CORRUPT["id"])
