@@ -212,9 +212,11 @@ def test_cli_prompt_only_prints_one_json_object(tmp_path, write_case, base):
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     for key in ("case", "adapter", "n_probes", "fact_accuracy", "in_character_rate", "leak_rate",
-                "false_confession_rate", "tell_rate", "retest_consistency"):
+                "false_confession_rate", "tell_rate", "retest_consistency", "offscript_responsive_rate", "repeat_rate"):
         assert key in result
-    assert result["adapter"] is None and result["n_probes"] == 1 and result["n_answers"] == 2
+    # one probe asked and retested, and one off-script interrogation of five
+    assert result["adapter"] is None and result["n_probes"] == 1 and result["n_offscript"] == 5
+    assert result["n_answers"] == 2 + 5
     report = tmp_path / "out" / MINIMAL_CASE["id"]
     assert (report / "prompt-only" / "eval.json").is_file() and (report / "report.png").is_file()
     assert "| fact_accuracy |" in (report / "report.md").read_text()

@@ -70,7 +70,8 @@ class EvalArguments:
                           "without running the model; --no-adapter picks the prompt-only run."},
     )
     # A CLI smoke test must finish in seconds on a 2-core CPU; a full run asks every probe.
-    limit: int | None = field(default=None, metadata={"help": "Ask only the first N probes."})
+    limit: int | None = field(default=None, metadata={"help": "Ask only the first N probes (and the first N "
+                                                                    "off-script interrogations)."})
     retest: bool = field(
         default=True, metadata={"help": "Ask every interrogation a second time, reversed (for retest_consistency)."}
     )
