@@ -19,6 +19,9 @@ from game.session import MoveRefused, Phase
 
 RANDOM = "A random case"
 TITLE = "# 🕵️ Interrogation Room"
+# Answers in progress at once: the engines batch every player's answer together (a CPU answers twenty players in a
+# few seconds that way), so players wait in the engine's batch rather than in Gradio's queue; beyond this, in the queue.
+ANSWERS_AT_ONCE = 64
 RULES = "Read the briefing, ask the suspect up to **{n} questions**, then decide: guilty or not guilty?"
 
 
@@ -117,7 +120,8 @@ def build_app(room: Room) -> gr.Blocks:
             yield history, "", counter(room, gid), open_, open_, gr.Button(interactive=more)
 
         gr.on([ask.click, question.submit], refuse, [question, game_id], None, api_visibility="private").success(
-            interrogate, [question, game_id, chat], [chat, question, progress, guilty, innocent, ask], api_name="ask")
+            interrogate, [question, game_id, chat], [chat, question, progress, guilty, innocent, ask], api_name="ask",
+            concurrency_limit=ANSWERS_AT_ONCE)
 
         def decide(accused: bool, gid: str | None):
             try:
@@ -145,7 +149,8 @@ def build_app(room: Room) -> gr.Blocks:
 
 def launch(room: Room, **launch_args) -> gr.Blocks:
     """Serve the page as `make play` does, queue and theme included (the tests serve it through here too)."""
-    # At most four runs of each event at once; more players wait in Gradio's queue, which shows them their place.
+    # At most four runs of each other event at once (they are quick); more players wait in Gradio's queue, which shows
+    # them their place.
     demo = build_app(room).queue(default_concurrency_limit=4)
     demo.launch(theme=gr.themes.Soft(), **launch_args)
     return demo
