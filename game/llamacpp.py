@@ -47,6 +47,9 @@ KV_CACHE_MB = 256  # conversations saved aside for room (23 kB a token on the 13
 DRAFT_TOKENS = 5  # a lone player's guesses (game.drafts) checked at once: measured best on 2 cores, docs/speed.md
 DRAFT_BUDGET = 12  # a case's pass holds guesses only up to this many tokens in all: with many players the pass is
 #                    bound by arithmetic and a wrong guess costs as much as a right token (docs/speed.md)
+THREADS_TOGETHER = 1  # llama.cpp threads while several players are answered: the rest of the CPU turns their tokens
+#                      into words and streams them, and ggml's threads wait for each other at every operation, so one
+#                      descheduled thread stalls the pass (20 players, 2 cores: answers 2.4x sooner; docs/speed.md)
 RESTORE_GAIN = 16  # restore a saved state only when it saves this many more tokens than the context already has
 KV_CELLS = 4096  # a case's KV: its system prompt and ~8 whole conversations at once (94 MB on the 135M base)
 SEQUENCES = 32  # a case's system prompt and up to 31 conversations kept at once
@@ -130,12 +133,13 @@ class LlamaCppEngine:
 
     def __init__(self, gguf: Path, eos: set[int], config_path: str | None = None, n_ctx: int = 2048,
                  threads: int | None = None, threads_batch: int | None = None, draft_tokens: int | None = None,
-                 kv_cells: int = KV_CELLS, sequences: int = SEQUENCES):
+                 kv_cells: int = KV_CELLS, sequences: int = SEQUENCES, threads_together: int | None = None):
         """config_path: the transformers folder of the same base (for the adapters' shapes); default: resolved.
         n_ctx: the longest conversation, in tokens; kv_cells and sequences: each case's KV, and how many sequences
-        it holds (its system prompt's and its conversations'). threads (passes of one token) and threads_batch (more): default
-        $IR_THREADS, $IR_THREADS_BATCH, else every core. draft_tokens: the most guessed tokens checked in one pass
-        (0: none); default $IR_DRAFT_TOKENS, else DRAFT_TOKENS."""
+        it holds (its system prompt's and its conversations'). threads (passes of one token) and threads_batch (more)
+        while one player is answered: default $IR_THREADS, $IR_THREADS_BATCH, else every core; threads_together while
+        several are: default $IR_THREADS_TOGETHER, else THREADS_TOGETHER. draft_tokens: the most guessed tokens checked
+        in one pass (0: none); default $IR_DRAFT_TOKENS, else DRAFT_TOKENS."""
         import llama_cpp
 
         self._lib = lib = llama_cpp
@@ -147,6 +151,7 @@ class LlamaCppEngine:
         threads_env, cores = int(os.environ.get("IR_THREADS") or 0), os.cpu_count() or 1
         self.threads = threads or threads_env or cores
         self.threads_batch = threads_batch or int(os.environ.get("IR_THREADS_BATCH") or 0) or threads_env or cores
+        self.threads_together = threads_together or int(os.environ.get("IR_THREADS_TOGETHER") or 0) or THREADS_TOGETHER
         env_drafts = os.environ.get("IR_DRAFT_TOKENS")
         self.draft_tokens = draft_tokens if draft_tokens is not None else int(env_drafts or DRAFT_TOKENS)
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's own log: as Llama(verbose=False)
@@ -215,16 +220,19 @@ class LlamaCppEngine:
         with self._lock:
             self._admit(self._players)
             if not any(c.answering() for c in self._contexts.values()):
-                self._admit(self._warm_ups)  # a warm-up's system prompt would hold every player's pass up
+                self._admit(self._warm_ups, most=1)  # one at a time: a system prompt holds every player's pass up
+            answering = sum(c.answering() for c in self._contexts.values())
             for context in list(self._contexts.values()):
                 if context.answering():
+                    threads = (self.threads, self.threads_batch) if answering <= 1 else (self.threads_together,) * 2
+                    context.use_threads(*threads)
                     try:
-                        self._step(context)
+                        self._step(context, crowded=answering > context.answering())
                     except Exception as exc:
                         log.exception("generation failed")
                         context.fail(exc)
         if (self._players or self._warm_ups) and not any(c.answering() for c in self._contexts.values()):
-            time.sleep(0.01)  # waiting for room that only a cancelled answer's end frees: do not spin
+            time.sleep(0.01)  # a request that fits nowhere yet, and nothing to step: do not spin
 
     def _context(self, adapter: str | None) -> _Context:
         context = self._contexts.get(adapter)
@@ -250,9 +258,10 @@ class LlamaCppEngine:
                                                           self.draft_tokens)
         return context
 
-    def _admit(self, waiting: deque[Request]) -> None:
-        """Give each waiting request a sequence in its case's context, as long as there is room; the rest wait."""
-        for _ in range(len(waiting)):
+    def _admit(self, waiting: deque[Request], most: int | None = None) -> None:
+        """Give each waiting request (the first `most`) a sequence in its case's context, as long as there is room;
+        the rest wait."""
+        for _ in range(len(waiting) if most is None else min(most, len(waiting))):
             r = waiting.popleft()
             if r.cancelled.is_set():
                 r.tokens.put(None)
@@ -315,9 +324,10 @@ class LlamaCppEngine:
         s.tokens, s.shared = list(tokens), 0
         return True
 
-    def _step(self, c: _Context) -> None:
+    def _step(self, c: _Context, crowded: bool) -> None:
         """One llama_decode of every answering sequence of the context: a chunk of a new prompt, or the last chosen
-        token and a guess at the next ones (fewer guesses the more sequences share the pass: docs/speed.md)."""
+        token and a guess at the next ones (fewer guesses the more sequences share the pass: docs/speed.md).
+        crowded: other contexts have answers in progress too (a long prompt goes in chunks then)."""
         lib, batch = self._lib, self._batch
         for s in [s for s in c.sequences.values() if s.request is not None and s.request.cancelled.is_set()]:
             self._finish(c, s)
@@ -335,7 +345,7 @@ class LlamaCppEngine:
         for s in prefilling:
             if room <= 0:
                 break
-            chunk = s.pending[:min(room, PREFILL_CHUNK if decoding else room)]
+            chunk = s.pending[:min(room, PREFILL_CHUNK if decoding or crowded else room)]
             plan.append((s, chunk, int(len(chunk) == len(s.pending))))
             room -= len(chunk)
         n = 0
@@ -451,11 +461,17 @@ class _Context:
     def __init__(self, lib, adapter: str | None, ctx, cells: int, sequences: int, draft_tokens: int):
         self._lib, self.adapter, self.ctx, self.mem = lib, adapter, ctx, lib.llama_get_memory(ctx)
         self.cells, self.n_sequences, self.draft_tokens = cells, sequences, draft_tokens
+        self.threads: tuple[int, int] | None = None
         self.system: list[int] = []
         self.sequences: dict[int, _Sequence] = {}
 
-    def answering(self) -> bool:
-        return any(s.request is not None for s in self.sequences.values())
+    def answering(self) -> int:
+        return sum(s.request is not None for s in self.sequences.values())
+
+    def use_threads(self, threads: int, threads_batch: int) -> None:
+        if self.threads != (threads, threads_batch):
+            self._lib.llama_set_n_threads(self.ctx, threads, threads_batch)
+            self.threads = (threads, threads_batch)
 
     def new_sequence(self) -> _Sequence:
         seq = next(i for i in range(1, self.n_sequences) if i not in self.sequences)
