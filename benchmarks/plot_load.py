@@ -1,9 +1,9 @@
 """Answer latency against players at once, from benchmarks/load.py's results (one JSON per player count).
 
-    .venv/bin/python benchmarks/plot_load.py benchmarks/results/load_cpu_players*.json --out benchmarks/results/load_cpu.png
+    .venv/bin/python benchmarks/plot_load.py --results benchmarks/results/load_cpu_players*.json --out benchmarks/results/load_cpu.png
 
 Each file is one run of `benchmarks/load.py --players N`; the plot shows answer and first-words p50 and p95 by N,
-with the machine's load average at the run's start, since on a shared machine the figures are only as good as that.
+with the machine's load average at the run's start and end, since on a shared machine the figures are only as good as that.
 """
 
 # No `from __future__ import annotations`: HfArgumentParser reads the field types at runtime.
@@ -34,8 +34,8 @@ def plot(runs: list[dict], out: Path, title: str) -> None:
         ax.plot(players, [r[key]["p50"] for r in runs], "o-", color=colour, label=f"{name} p50")
         ax.plot(players, [r[key]["p95"] for r in runs], "s--", color=colour, label=f"{name} p95")
     for r, n in zip(runs, players):
-        load = r["machine"]["load_average_before"][0]
-        ax.annotate(f"load {load:g}", (n, r["answer_latency_s"]["p95"]), textcoords="offset points", xytext=(4, 6),
+        load = f'{r["machine"]["load_average_before"][0]:g} -> {r["machine"].get("load_average_after", ["?"])[0]:g}'
+        ax.annotate(f"load {load}", (n, r["answer_latency_s"]["p95"]), textcoords="offset points", xytext=(4, 6),
                     fontsize=8, color="grey")
     ax.set_xlabel("players at once (each a whole game of five questions)")
     ax.set_ylabel("seconds")
