@@ -21,8 +21,10 @@ from game.session import MoveRefused, Phase
 
 RANDOM = "A random case"
 TITLE = "# 🕵️ Interrogation Room"
+# Answers in progress at once: the engines batch every player's answer together (a CPU answers twenty players in a
+# few seconds that way), so players wait in the engine's batch rather than in Gradio's queue; beyond this, in the queue.
+ANSWERS_AT_ONCE = 64
 RULES = "Read the briefing, ask the suspect up to **{n} questions**, then decide: guilty or not guilty?"
-ANSWERS_AT_ONCE = 4  # answers generated at once; more players wait in Gradio's queue, which shows them their place
 
 # Run once on load. The seconds an answer has taken are counted in the page, from when "is thinking" appears: the
 # server sends that line once, not every second; they are hidden from screen readers, which would read each tick.
@@ -266,7 +268,8 @@ def build_app(room: Room, answers_at_once: int = ANSWERS_AT_ONCE) -> gr.Blocks:
 
 def launch(room: Room, answers_at_once: int = ANSWERS_AT_ONCE, **launch_args) -> gr.Blocks:
     """Serve the page as `make play` does, queue and theme included (the tests serve it through here too)."""
-    demo = build_app(room, answers_at_once).queue(default_concurrency_limit=ANSWERS_AT_ONCE)
+    # Other events are quick: at most four of each at once, more players wait in Gradio's queue, which shows their place.
+    demo = build_app(room, answers_at_once).queue(default_concurrency_limit=4)
     demo.launch(theme=THEME, js=PAGE_JS, css=CSS, **launch_args)
     return demo
 

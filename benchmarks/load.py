@@ -140,6 +140,7 @@ def check(games: list[dict], db: Path) -> dict:
 def main(args: Arguments) -> dict:
     import torch
 
+    from app import ANSWERS_AT_ONCE
     from game.scenario import load_cases
     from game.suspect import GenerationSettings
 
@@ -177,7 +178,9 @@ def main(args: Arguments) -> dict:
         "versions": versions() | {name: importlib.metadata.version(name) for name in ("gradio", "gradio_client")},
         "settings": {"players": args.players, "questions_per_game": args.questions, "cases": cases,
                      "max_new_tokens": args.max_new_tokens or settings.max_new_tokens, "engine": engine,
-                     "queue_default_concurrency_limit": 4, "transport": "gradio_client over HTTP on localhost"},
+                     "answers_at_once": ANSWERS_AT_ONCE, "threads": os.environ.get("IR_THREADS"),
+                     "draft_tokens": os.environ.get("IR_DRAFT_TOKENS"),
+                     "transport": "gradio_client over HTTP on localhost"},
         "server_ready_s": round(ready_s, 2),
         "wall_s": round(wall, 2),
         "answers": len(answers),

@@ -106,7 +106,7 @@ class PrefixCache:
             key = next(reversed(keys)) if keys else None
             n = blocks * self.BLOCK
             if key is not None and key[1][:n] == tuple(tokens[:n]):
-                return key, n + _common_prefix(key[1][n:], tokens[n:])
+                return key, n + common_prefix(key[1][n:], tokens[n:])
         return None, 0
 
     def get(self, key: tuple):
@@ -145,7 +145,7 @@ class PrefixCache:
             self._remove(key)
 
 
-def _common_prefix(a, b) -> int:
+def common_prefix(a, b) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:

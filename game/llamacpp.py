@@ -7,8 +7,12 @@ repetition penalty over every token seen, so answers match the torch path's up t
 case's own material guesses how an answer goes on (game.drafts), the guess is checked in the same pass as the token
 before it (speculative decoding): every token is still the model's choice, ~1.5x as many a second.
 
-One request at a time (a llama.cpp context holds one adapter set); each case's system-prompt KV is kept as a
-saved state in memory, and a question that continues a recent conversation reuses all of it.
+Many players at once: every conversation is a llama.cpp sequence, and all the sequences of one case go through one
+`llama_decode` a step (a new question's prompt beside the others' next tokens). llama.cpp applies LoRA adapters to a
+whole context, not per sequence, so each case has its own context over the one model, its adapter set once: a step
+decodes each case's batch in turn (docs/speed.md#many-players-at-once says why not one context switching adapters).
+A case's system prompt is computed once into its sequence 0, which new conversations share (`llama_memory_seq_cp`);
+a conversation's KV stays in its sequence for its next question, and is saved aside when room is short.
 """
 
 from __future__ import annotations
@@ -23,14 +27,15 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import deque
-from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from game.base import EMBEDDED, Base, cache_dir, embedded_gguf
-from game.engine import GROUP_OF, IDLE_POLL_S, PrefixCache, Request, _common_prefix, read_lora, start_worker
+from game.engine import GROUP_OF, IDLE_POLL_S, PrefixCache, Request, common_prefix, read_lora, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -38,37 +43,18 @@ LORA_FORMAT = "v1"  # bump when to_gguf_lora changes what it writes
 # transformers' projection names -> llama.cpp's tensor names
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
-KV_CACHE_MB = 256  # saved conversations and system prompts (23 kB a token on the 135M base: ~20 conversations)
-DRAFT_TOKENS = 5  # a request's guesses (game.drafts) checked at once: measured best on 2 cores, docs/speed.md
+KV_CACHE_MB = 256  # conversations saved aside for room (23 kB a token on the 135M base: ~20 conversations)
+DRAFT_TOKENS = 5  # a lone player's guesses (game.drafts) checked at once: measured best on 2 cores, docs/speed.md
+DRAFT_BUDGET = 12  # a case's pass holds guesses only up to this many tokens in all: with many players the pass is
+#                    bound by arithmetic and a wrong guess costs as much as a right token (docs/speed.md)
+THREADS_TOGETHER = 1  # llama.cpp threads while several players are answered: the rest of the CPU turns their tokens
+#                      into words and streams them, and ggml's threads wait for each other at every operation, so one
+#                      descheduled thread stalls the pass (20 players, 2 cores: answers 2.4x sooner; docs/speed.md)
 RESTORE_GAIN = 16  # restore a saved state only when it saves this many more tokens than the context already has
-
-
-@contextmanager
-def plain_cpu_buffers():
-    """Load a model with its weights in plain CPU buffers where this CPU has AMX.
-
-    ggml repacks weights for AMX into an extra buffer type, and its AMX matrix multiply crashes this build
-    (llama.cpp issue #20824: a segfault in ggml_backend_amx_mul_mat on the first decode, with or without an adapter).
-    llama-cpp-python's Llama takes no `use_extra_bufts`, so the default model parameters it starts from are wrapped
-    for the one construction. Elsewhere nothing changes: the Q4_1 base has no other repacked layout on x86.
-    """
-    from llama_cpp import llama_cpp  # the bindings module, whose default parameters Llama reads
-
-    if b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info():
-        yield
-        return
-    default = llama_cpp.llama_model_default_params
-
-    def without_extra_buffers():
-        params = default()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama_model_default_params = without_extra_buffers
-    try:
-        yield
-    finally:
-        llama_cpp.llama_model_default_params = default
+KV_CELLS = 4096  # a case's KV: its system prompt and ~8 whole conversations at once (94 MB on the 135M base)
+SEQUENCES = 32  # a case's system prompt and up to 31 conversations kept at once
+BATCH_TOKENS = 512  # the most tokens in one llama_decode
+PREFILL_CHUNK = 128  # the most tokens of one prompt in a pass: a long one does not hold everyone's next token up
 
 
 def available() -> bool:
@@ -142,33 +128,49 @@ assert set(GGUF_NAMES) == set(GROUP_OF)
 
 
 class LlamaCppEngine:
-    """A worker thread answering one request at a time with llama.cpp. Thread-safe."""
+    """A worker thread answering every player's request with llama.cpp, each case's players in one batch. Thread-safe.
+    """
 
     def __init__(self, gguf: Path, eos: set[int], config_path: str | None = None, n_ctx: int = 2048,
-                 threads: int | None = None, threads_batch: int | None = None, draft_tokens: int | None = None):
+                 threads: int | None = None, threads_batch: int | None = None, draft_tokens: int | None = None,
+                 kv_cells: int = KV_CELLS, sequences: int = SEQUENCES, threads_together: int | None = None):
         """config_path: the transformers folder of the same base (for the adapters' shapes); default: resolved.
-        threads (one token at a time) and threads_batch (prompts): default $IR_THREADS, $IR_THREADS_BATCH, else
-        every core. draft_tokens: the most guessed tokens checked in one pass (0: none); default $IR_DRAFT_TOKENS,
-        else DRAFT_TOKENS."""
+        n_ctx: the longest conversation, in tokens; kv_cells and sequences: each case's KV, and how many sequences
+        it holds (its system prompt's and its conversations'). threads (passes of one token) and threads_batch (more)
+        while one player is answered: default $IR_THREADS, $IR_THREADS_BATCH, else every core; threads_together while
+        several are: default $IR_THREADS_TOGETHER, else THREADS_TOGETHER. draft_tokens: the most guessed tokens checked
+        in one pass (0: none); default $IR_DRAFT_TOKENS, else DRAFT_TOKENS."""
         import llama_cpp
 
-        self._lib = llama_cpp
+        self._lib = lib = llama_cpp
         self.gguf = gguf
         self.config_path = config_path
         self.eos = eos
         self.max_len = n_ctx
+        self.kv_cells, self.sequences = kv_cells, sequences
         threads_env, cores = int(os.environ.get("IR_THREADS") or 0), os.cpu_count() or 1
         self.threads = threads or threads_env or cores
         self.threads_batch = threads_batch or int(os.environ.get("IR_THREADS_BATCH") or 0) or threads_env or cores
+        self.threads_together = threads_together or int(os.environ.get("IR_THREADS_TOGETHER") or 0) or THREADS_TOGETHER
         env_drafts = os.environ.get("IR_DRAFT_TOKENS")
         self.draft_tokens = draft_tokens if draft_tokens is not None else int(env_drafts or DRAFT_TOKENS)
-        with plain_cpu_buffers():
-            self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=self.threads,
-                                       n_threads_batch=self.threads_batch, verbose=False)
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's own log: as Llama(verbose=False)
+        lib.llama_backend_init()
+        params = lib.llama_model_default_params()
+        # No extra buffer types: the AMX one (built where the CPU has AMX) crashes in ggml_backend_amx_mul_mat on a
+        # Q4_1 base in this llama.cpp, and the CPU repack ones have no Q4_1 layout, so this costs nothing elsewhere.
+        params.use_extra_bufts = False
+        self._model = lib.llama_model_load_from_file(str(gguf).encode(), params)
+        if not self._model:
+            raise ValueError(f"llama.cpp could not load {gguf}")
+        self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model))
+        self._contexts: dict[str | None, _Context] = {}
+        self._batch = lib.llama_batch_init(BATCH_TOKENS, 0, 1)
+        self._finalizer = weakref.finalize(self, _free, lib, self._model, self._contexts, self._batch)
+        self._finalizer.atexit = False  # at exit the process goes anyway, perhaps with the worker mid-pass
         self._config = None
         self._adapters: dict[str, object] = {}  # name -> llama_adapter_lora pointer
-        self._current: str | None = None  # adapter set on the context
-        self._cache = PrefixCache(KV_CACHE_MB << 20)  # values: (sequence state buffer, its size, tokens)
+        self._cache = PrefixCache(KV_CACHE_MB << 20)  # conversations moved out of their context for room
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._players: deque[Request] = deque()
@@ -186,14 +188,15 @@ class LlamaCppEngine:
         if not out.is_file():
             to_gguf_lora(folder, out, self._config)
         with self._lock:
-            adapter = self._lib.llama_adapter_lora_init(self.llm.model, str(out).encode())
+            adapter = self._lib.llama_adapter_lora_init(self._model, str(out).encode())
             if not adapter:
-                raise ValueError(f"llama.cpp refused the converted adapter {out}")
+                raise ValueError(f"llama.cpp could not read the converted adapter {out}")
             self._adapters[name] = adapter
-            if self._current == name:
-                self._current = None  # set again before the next use
+            old = self._contexts.pop(name, None)  # its KV was computed with the old weights
+            if old is not None:
+                old.fail(RuntimeError(f"adapter {name} was replaced"))
+                self._lib.llama_free(old.ctx)
             self._cache.drop(name)
-            self._rewind(0)  # the context's KV may have been computed with the old weights
 
     def submit(self, request: Request) -> Request:
         if len(request.prompt) + request.max_new_tokens > self.max_len:
@@ -204,134 +207,312 @@ class LlamaCppEngine:
         return request
 
     def work(self) -> None:
-        """Answer the next queued request, if one comes within a moment."""
-        waiting = self._players or self._warm_ups
+        """One step: take the queued requests that fit, then one pass of every case's batch."""
+        busy = any(c.answering() for c in self._contexts.values())
         try:
+            waiting = busy or self._players or self._warm_ups
             item = self._queue.get_nowait() if waiting else self._queue.get(timeout=IDLE_POLL_S)
             while True:
                 (self._warm_ups if item.background else self._players).append(item)
                 item = self._queue.get_nowait()
         except queue.Empty:
             pass
-        if not (self._players or self._warm_ups):
-            return
-        request = (self._players or self._warm_ups).popleft()  # a player first: a warm-up can wait
-        if request.cancelled.is_set():
-            request.tokens.put(None)
-            return
-        try:
-            with self._lock:
-                self._generate(request)
-        except Exception as exc:
-            log.exception("generation failed")
-            self._rewind(0)
-            request.tokens.put(exc)
+        with self._lock:
+            self._admit(self._players)
+            if not any(c.answering() for c in self._contexts.values()):
+                self._admit(self._warm_ups, most=1)  # one at a time: a system prompt holds every player's pass up
+            answering = sum(c.answering() for c in self._contexts.values())
+            for context in list(self._contexts.values()):
+                if context.answering():
+                    threads = (self.threads, self.threads_batch) if answering <= 1 else (self.threads_together,) * 2
+                    context.use_threads(*threads)
+                    try:
+                        self._step(context, crowded=answering > context.answering())
+                    except Exception as exc:
+                        log.exception("generation failed")
+                        context.fail(exc)
+        if (self._players or self._warm_ups) and not any(c.answering() for c in self._contexts.values()):
+            time.sleep(0.01)  # a request that fits nowhere yet, and nothing to step: do not spin
 
-    def _use_adapter(self, name: str | None) -> None:
-        if name == self._current:
-            return
-        lib = self._lib
-        if name is None:
-            status = lib.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+    def _context(self, adapter: str | None) -> _Context:
+        context = self._contexts.get(adapter)
+        if context is None:
+            lib = self._lib
+            params = lib.llama_context_default_params()
+            params.n_ctx, params.n_batch, params.n_ubatch = self.kv_cells, BATCH_TOKENS, BATCH_TOKENS
+            params.n_seq_max = self.sequences
+            # One KV buffer for all the case's sequences: the conversations share their system prompt's cells, and
+            # a batch takes any sequences in any order (per-sequence buffers split a batch by sequence id).
+            params.kv_unified = True
+            params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # llama-cpp-python's default: same answers
+            params.n_threads, params.n_threads_batch = self.threads, self.threads_batch
+            ctx = lib.llama_init_from_model(self._model, params)
+            if not ctx:
+                raise RuntimeError("llama.cpp could not make a context")
+            if adapter is not None:
+                adapters = (lib.llama_adapter_lora_p_ctypes * 1)(self._adapters[adapter])
+                if lib.llama_set_adapters_lora(ctx, adapters, 1, (ctypes.c_float * 1)(1.0)) != 0:
+                    lib.llama_free(ctx)
+                    raise RuntimeError(f"llama.cpp could not apply adapter {adapter}")
+            context = self._contexts[adapter] = _Context(lib, adapter, ctx, self.kv_cells, self.sequences,
+                                                          self.draft_tokens)
+        return context
+
+    def _admit(self, waiting: deque[Request], most: int | None = None) -> None:
+        """Give each waiting request (the first `most`) a sequence in its case's context, as long as there is room;
+        the rest wait."""
+        for _ in range(len(waiting) if most is None else min(most, len(waiting))):
+            r = waiting.popleft()
+            if r.cancelled.is_set():
+                r.tokens.put(None)
+                continue
+            try:
+                if not self._place(self._context(r.adapter), r):
+                    waiting.append(r)
+            except Exception as exc:
+                log.exception("could not start an answer")
+                r.tokens.put(exc)
+
+    def _place(self, c: _Context, r: Request) -> bool:
+        lib, prompt = self._lib, r.prompt
+        system = len(c.system) if c.system and prompt[:len(c.system)] == c.system else 0
+        # The longest start of this prompt already computed: a conversation kept in its sequence (the same player,
+        # one question on), one saved aside, or the case's system prompt.
+        idle = [s for s in c.sequences.values() if s.request is None]
+        resident = max(idle, key=lambda s: common_prefix(s.tokens, prompt), default=None)
+        kept = common_prefix(resident.tokens, prompt) if resident is not None else 0
+        key, saved = self._cache.longest(c.adapter, prompt)
+        if kept > system and kept + RESTORE_GAIN >= saved:
+            s, shared = resident, min(resident.shared, kept)
         else:
-            adapters = (lib.llama_adapter_lora_p_ctypes * 1)(self._adapters[name])
-            status = lib.llama_set_adapters_lora(self.llm.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
-        if status != 0:
-            raise RuntimeError(f"llama.cpp could not apply adapter {name}")
-        self._current = name
-        self._rewind(0)  # the cached KV belongs to the other adapter
-
-    def _rewind(self, n: int) -> None:
-        self.llm._ctx.kv_cache_seq_rm(0, n, -1)
-        self.llm.n_tokens = n
-
-    def _save(self, adapter: str | None, pin: bool = False) -> tuple:
-        """Keep the context's KV (sequence 0: all there is) under its tokens (pin: a system prompt; PrefixCache)."""
-        lib, ctx = self._lib, self.llm.ctx
-        size = lib.llama_state_seq_get_size(ctx, 0)
-        data = (ctypes.c_uint8 * size)()
-        written = lib.llama_state_seq_get_data(ctx, data, size, 0)
-        tokens = self.llm.input_ids[:self.llm.n_tokens].tolist()
-        value = (data, written, tokens)
-        self._cache.put(adapter, tokens, value, written, pin)
-        return value
-
-    def _restore(self, key: tuple) -> int:
-        data, size, tokens = self._cache.get(key)
-        self._rewind(0)
-        if not self._lib.llama_state_seq_set_data(self.llm.ctx, data, size, 0):
-            self._rewind(0)
-            return 0
-        self.llm.input_ids[:len(tokens)] = tokens
-        self.llm.n_tokens = len(tokens)
-        return len(tokens)
-
-    def _logits(self) -> np.ndarray:
-        pointer = self._lib.llama_get_logits_ith(self.llm.ctx, -1)
-        return np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).copy()
-
-    def _check(self, tokens: list[int]) -> np.ndarray:
-        """Evaluate tokens at the context's end; the logits after each of them, one row each (a draft's check reads
-        every row, which Llama.eval does not return without keeping every logit of the context)."""
-        llm = self.llm
-        start = llm.n_tokens
-        llm._batch.set_batch(batch=tokens, n_past=start, logits_all=True)
-        llm._ctx.decode(llm._batch)
-        llm.input_ids[start:start + len(tokens)] = tokens
-        llm.n_tokens += len(tokens)
-        return np.ctypeslib.as_array(self._lib.llama_get_logits(llm.ctx), shape=(len(tokens), llm.n_vocab())).copy()
-
-    def _generate(self, r: Request) -> None:
-        llm = self.llm
-        self._use_adapter(r.adapter)
-        prompt = r.prompt
-        # The longest prefix already in the context (the same conversation, one question on), or saved.
-        common = _common_prefix(llm.input_ids[:llm.n_tokens].tolist(), prompt)
-        key, saved = self._cache.longest(r.adapter, prompt)
-        system = 0 < r.prefix_len < len(prompt)
-        if saved > common + RESTORE_GAIN:
-            common = saved if self._restore(key) else 0
+            s, restore = None, saved > max(kept, system) + RESTORE_GAIN
+            shared = 0 if restore else system  # a saved state comes back whole, its system prompt included
+        if not c.make_room(_promised(r, self.draft_tokens) - shared, keep=s, save=self._save):
+            return False
+        if s is not None:
+            common = kept
+        else:
+            s = c.new_sequence()
+            if restore and self._restore(c, s, key):
+                common = len(s.tokens)
+            elif system:
+                lib.llama_memory_seq_cp(c.mem, 0, s.seq, 0, system)
+                s.tokens, s.shared, common = list(c.system), system, system
+            else:
+                common = 0
         common = min(common, len(prompt) - 1)  # at least one token to evaluate, for its logits
-        self._rewind(common)
+        lib.llama_memory_seq_rm(c.mem, s.seq, common, -1)
+        del s.tokens[common:]
+        s.shared = min(s.shared, common)
+        s.start(r, self.n_vocab)
         r.cached_tokens = common
-        if system and common < r.prefix_len:
-            llm.eval(prompt[common:r.prefix_len])  # the case's system prompt alone, kept for its other players
-            self._save(r.adapter, pin=True)
-            common = r.prefix_len
-        llm.eval(prompt[common:])
-        seen = np.zeros(llm.n_vocab(), dtype=bool)
-        seen[prompt] = True
-        p = np.float32(r.repetition_penalty)
-        rng = np.random.default_rng() if r.do_sample else None
-        text = list(prompt)
-        rows, guess = self._logits()[None], []
-        while True:
-            start = llm.n_tokens - len(rows)
-            # Row i holds the logits after guess[:i]: its token is the model's own whether or not it matches the
-            # guess, and the rows after it count only while it does.
-            for i, logits in enumerate(rows):
-                hit = logits[seen]
-                logits[seen] = np.where(hit < 0, hit * p, hit / p)
-                token = int(logits.argmax()) if rng is None else _sample(logits, rng)
-                seen[token] = True
-                text.append(token)
-                if r.first_token is None:
-                    r.first_token = time.perf_counter()
-                r.tokens.put(token)
-                r.accepted_tokens += i < len(guess) and token == guess[i]
-                done = token in self.eos or len(text) - len(prompt) == r.max_new_tokens or r.cancelled.is_set()
-                if done or i == len(guess) or token != guess[i]:
-                    break
-            self._rewind(start + i + 1)  # the KV of the rejected guesses goes
-            if done:
+        return True
+
+    def _save(self, c: _Context, s: _Sequence) -> None:
+        """Keep a conversation's KV aside (PrefixCache), so that its sequence can go."""
+        lib = self._lib
+        size = lib.llama_state_seq_get_size(c.ctx, s.seq)
+        data = (ctypes.c_uint8 * size)()
+        written = lib.llama_state_seq_get_data(c.ctx, data, size, s.seq)
+        self._cache.put(c.adapter, s.tokens, (data, written, list(s.tokens)), written)
+
+    def _restore(self, c: _Context, s: _Sequence, key: tuple) -> bool:
+        data, size, tokens = self._cache.get(key)
+        if not self._lib.llama_state_seq_set_data(c.ctx, data, size, s.seq):
+            self._lib.llama_memory_seq_rm(c.mem, s.seq, -1, -1)
+            return False
+        s.tokens, s.shared = list(tokens), 0
+        return True
+
+    def _step(self, c: _Context, crowded: bool) -> None:
+        """One llama_decode of every answering sequence of the context: a chunk of a new prompt, or the last chosen
+        token and a guess at the next ones (fewer guesses the more sequences share the pass: docs/speed.md).
+        crowded: other contexts have answers in progress too (a long prompt goes in chunks then)."""
+        lib, batch = self._lib, self._batch
+        for s in [s for s in c.sequences.values() if s.request is not None and s.request.cancelled.is_set()]:
+            self._finish(c, s)
+        decoding = [s for s in c.sequences.values() if s.request is not None and not s.pending]
+        prefilling = [s for s in c.sequences.values() if s.request is not None and s.pending]
+        guess_len = min(self.draft_tokens, DRAFT_BUDGET // max(len(decoding), 1) - 1)
+        plan: list[tuple[_Sequence, list[int], int]] = []  # (sequence, tokens evaluated, logits rows)
+        for s in decoding:
+            r = s.request
+            left = r.max_new_tokens - len(s.answer) - 1
+            s.guess = r.drafts.guess(s.text, min(guess_len, left)) if r.drafts is not None and guess_len > 0 else []
+            r.drafted_tokens += len(s.guess)
+            plan.append((s, [s.answer[-1]] + s.guess, 1 + len(s.guess)))
+        room = BATCH_TOKENS - sum(len(tokens) for _, tokens, _ in plan)
+        for s in prefilling:
+            if room <= 0:
                 break
-            left = r.max_new_tokens - (len(text) - len(prompt)) - 1
-            guess = r.drafts.guess(text, min(self.draft_tokens, left)) if r.drafts is not None else []
-            r.drafted_tokens += len(guess)
-            rows = self._check([token] + guess)
+            chunk = s.pending[:min(room, PREFILL_CHUNK if decoding or crowded else room)]
+            plan.append((s, chunk, int(len(chunk) == len(s.pending))))
+            room -= len(chunk)
+        n = 0
+        for s, tokens, rows in plan:
+            for i, token in enumerate(tokens):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n], batch.seq_id[n][0] = token, len(s.tokens) + i, 1, s.seq
+                batch.logits[n] = i >= len(tokens) - rows
+                n += 1
+        batch.n_tokens = n
+        status = lib.llama_decode(c.ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+        outputs = sum(rows for _, _, rows in plan)
+        logits = np.ctypeslib.as_array(lib.llama_get_logits(c.ctx), shape=(outputs, self.n_vocab)) if outputs else None
+        row = 0
+        for s, tokens, rows in plan:
+            s.tokens += tokens
+            if s.pending:
+                del s.pending[:len(tokens)]
+                self._share_system_prompt(c, s)
+            if rows:
+                self._choose(c, s, logits[row:row + rows])
+            row += rows
+
+    def _share_system_prompt(self, c: _Context, s: _Sequence) -> None:
+        """Once a sequence has computed its case's system prompt, sequence 0 keeps it for the case's next games."""
+        r, lib = s.request, self._lib
+        n = r.prefix_len
+        if not 0 < n < len(r.prompt) or len(s.tokens) < n or c.system == r.prompt[:n]:
+            return
+        lib.llama_memory_seq_rm(c.mem, 0, -1, -1)
+        lib.llama_memory_seq_cp(c.mem, s.seq, 0, 0, n)
+        c.system = list(r.prompt[:n])
+        for other in c.sequences.values():
+            other.shared = 0  # the old system prompt's cells are theirs alone now
+        s.shared = n
+
+    def _choose(self, c: _Context, s: _Sequence, rows: np.ndarray) -> None:
+        """The model's own token from each row of logits. Row i holds the logits after guess[:i]: its token stands
+        whether or not it matches the guess, and the rows after it count only while it does."""
+        r, p = s.request, np.float32(s.request.repetition_penalty)
+        start = len(s.tokens) - len(rows)
+        done = False
+        for i in range(len(rows)):
+            logits = rows[i].copy()
+            hit = logits[s.seen]
+            logits[s.seen] = np.where(hit < 0, hit * p, hit / p)
+            token = int(logits.argmax()) if s.rng is None else _sample(logits, s.rng)
+            s.seen[token] = True
+            s.answer.append(token)
+            s.text.append(token)
+            if r.first_token is None:
+                r.first_token = time.perf_counter()
+            r.tokens.put(token)
+            r.accepted_tokens += i < len(s.guess) and token == s.guess[i]
+            done = token in self.eos or len(s.answer) == r.max_new_tokens or r.cancelled.is_set()
+            if done or i == len(s.guess) or token != s.guess[i]:
+                break
+        if start + i + 1 < len(s.tokens):  # the KV of the rejected guesses goes
+            self._lib.llama_memory_seq_rm(c.mem, s.seq, start + i + 1, -1)
+            del s.tokens[start + i + 1:]
+        if done:
+            self._finish(c, s)
+
+    def _finish(self, c: _Context, s: _Sequence) -> None:
+        r = s.request
+        s.end()
         r.tokens.put(None)
-        if not r.background:  # a warm-up has no conversation to continue: its system prompt is saved above
-            self._save(r.adapter)  # the conversation so far, for its next question
+        if r.background:  # a warm-up has no conversation to continue: its system prompt stays in sequence 0
+            c.drop(s)
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One conversation's KV in its case's context (llama.cpp sequence `seq`), and the answer it is giving."""
+    seq: int
+    tokens: list[int] = field(default_factory=list)  # what its KV holds, position by position
+    shared: int = 0  # its first cells are sequence 0's (the system prompt), not its own
+    used: float = 0.0  # when it last answered: the least recent goes first when room is short
+    request: Request | None = None
+    pending: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
+    answer: list[int] = field(default_factory=list)  # chosen so far (the last one not yet evaluated)
+    text: list[int] = field(default_factory=list)  # the prompt and the answer so far, for the guesses
+    guess: list[int] = field(default_factory=list)  # checked in this pass
+    seen: np.ndarray | None = None  # every token of the prompt and answer, for the repetition penalty
+    rng: np.random.Generator | None = None
+
+    def start(self, r: Request, n_vocab: int) -> None:
+        self.request, self.pending, self.answer, self.text = r, list(r.prompt[len(self.tokens):]), [], list(r.prompt)
+        self.guess = []
+        self.seen = np.zeros(n_vocab, dtype=bool)
+        self.seen[r.prompt] = True
+        self.rng = np.random.default_rng() if r.do_sample else None
+
+    def end(self) -> None:
+        self.request, self.pending, self.answer, self.text, self.guess, self.seen = None, [], [], [], [], None
+        self.used = time.perf_counter()
+
+    def cells(self, draft_tokens: int) -> int:
+        """KV cells it holds of its own, or, while answering, may come to hold."""
+        return (len(self.tokens) if self.request is None else _promised(self.request, draft_tokens)) - self.shared
+
+
+def _promised(r: Request, draft_tokens: int) -> int:
+    """The most KV cells a request's sequence can come to hold: its prompt, its answer and a guess beyond it."""
+    return len(r.prompt) + r.max_new_tokens + draft_tokens + 1
+
+
+class _Context:
+    """One llama.cpp context over the engine's model, with one adapter set (a case's, or None for the bare base):
+    sequence 0 holds the case's system prompt, the others its conversations."""
+
+    def __init__(self, lib, adapter: str | None, ctx, cells: int, sequences: int, draft_tokens: int):
+        self._lib, self.adapter, self.ctx, self.mem = lib, adapter, ctx, lib.llama_get_memory(ctx)
+        self.cells, self.n_sequences, self.draft_tokens = cells, sequences, draft_tokens
+        self.threads: tuple[int, int] | None = None
+        self.system: list[int] = []
+        self.sequences: dict[int, _Sequence] = {}
+
+    def answering(self) -> int:
+        return sum(s.request is not None for s in self.sequences.values())
+
+    def use_threads(self, threads: int, threads_batch: int) -> None:
+        if self.threads != (threads, threads_batch):
+            self._lib.llama_set_n_threads(self.ctx, threads, threads_batch)
+            self.threads = (threads, threads_batch)
+
+    def new_sequence(self) -> _Sequence:
+        seq = next(i for i in range(1, self.n_sequences) if i not in self.sequences)
+        s = self.sequences[seq] = _Sequence(seq)
+        return s
+
+    def drop(self, s: _Sequence) -> None:
+        self._lib.llama_memory_seq_rm(self.mem, s.seq, -1, -1)
+        del self.sequences[s.seq]
+
+    def make_room(self, needed: int, keep: _Sequence | None, save) -> bool:
+        """Room for a sequence of `needed` cells of its own (and a free sequence id, unless it is `keep`): idle
+        conversations other than `keep` are saved aside (save(context, sequence)) and dropped, least recent first.
+        False where the answering ones leave too little."""
+        def short() -> bool:
+            promised = len(self.system) + sum(s.cells(self.draft_tokens) for s in self.sequences.values() if s is not keep)
+            return promised + needed > self.cells or (keep is None and len(self.sequences) >= self.n_sequences - 1)
+
+        idle = sorted((s for s in self.sequences.values() if s.request is None and s is not keep), key=lambda s: s.used)
+        while short() and idle:
+            s = idle.pop(0)
+            save(self, s)
+            self.drop(s)
+        return not short()
+
+    def fail(self, exc: Exception) -> None:
+        """After a failed pass: every answer in progress ends with the error, and the KV starts empty."""
+        for s in self.sequences.values():
+            if s.request is not None:
+                s.request.tokens.put(exc)
+        self._lib.llama_memory_clear(self.mem, True)
+        self.sequences.clear()
+        self.system = []
+
+
+def _free(lib, model, contexts: dict, batch) -> None:
+    for context in contexts.values():
+        lib.llama_free(context.ctx)
+    contexts.clear()
+    lib.llama_batch_free(batch)
+    lib.llama_model_free(model)
 
 
 def _sample(logits: np.ndarray, rng) -> int:

@@ -1,8 +1,12 @@
-"""The llama.cpp CPU engine answers as the torch engine does, with the case's adapter really applied.
+"""The llama.cpp CPU engine answers as the torch engine does, with the case's adapter really applied, and answers many
+players at once as it answers each alone.
 
 Skipped where llama-cpp-python is not installed (the game then runs the torch engine)."""
 
 from pathlib import Path
+
+import threading
+import time
 
 import pytest
 
@@ -11,6 +15,7 @@ pytest.importorskip("llama_cpp")
 from game import adapters as adapter_files  # noqa: E402
 from game.drafts import Drafts  # noqa: E402
 from game.engine import Request  # noqa: E402
+from game.llamacpp import LlamaCppEngine  # noqa: E402
 from game.prompt import chat  # noqa: E402
 from game.scenario import load_cases  # noqa: E402
 from game.session import Exchange  # noqa: E402
@@ -46,16 +51,25 @@ def suspects(base, case_and_adapter):
     return out
 
 
-def answer(suspect, case, question, adapter=True, transcript=(), drafts=None) -> tuple[list[int], Request]:
-    """The raw greedy tokens (no early stop, no cleaning), and the finished request."""
+def ask(suspect, case, question, adapter=True, transcript=(), drafts=None) -> Request:
+    """Submit a question for raw greedy tokens (no early stop, no cleaning)."""
     prompt, prefix = suspect._prompt(case, chat(case, list(transcript), question))
-    request = suspect._engine.submit(Request(prompt, case.id if adapter else None, prefix, TOKENS, 1.1, drafts=drafts))
+    return suspect._engine.submit(Request(prompt, case.id if adapter else None, prefix, TOKENS, 1.1, drafts=drafts))
+
+
+def read(request) -> list[int]:
     tokens = []
     while (item := request.tokens.get()) is not None:
         if isinstance(item, BaseException):
             raise item
         tokens.append(item)
-    return tokens, request
+    return tokens
+
+
+def answer(suspect, case, question, adapter=True, transcript=(), drafts=None) -> tuple[list[int], Request]:
+    """The raw greedy tokens, and the finished request."""
+    request = ask(suspect, case, question, adapter, transcript, drafts)
+    return read(request), request
 
 
 def greedy(suspect, case, question, adapter=True, transcript=()):
@@ -104,20 +118,69 @@ def test_the_adapter_is_applied(suspects, case_and_adapter):
     assert tuned_agree > 2 * bare_agree + 4, (tuned_agree, bare_agree)
 
 
-def test_saved_states_give_the_same_answer(suspects, case_and_adapter):
+@pytest.fixture(scope="module")
+def cramped(base, case_and_adapter):
+    """A llama.cpp suspect whose case holds two conversations at most: a third pushes the least recent aside."""
+    _, info = case_and_adapter
+    suspect = Suspect(base, device="cpu", engine="llama.cpp")
+    suspect._engine = LlamaCppEngine(suspect._engine.gguf, suspect._engine.eos, base.path, sequences=3, draft_tokens=0)
+    assert suspect.load_adapter(info)
+    return suspect
+
+
+def test_a_conversation_pushed_aside_comes_back_with_the_same_answer(cramped, case_and_adapter):
+    case, _ = case_and_adapter
+    first, _ = greedy(cramped, case, QUESTIONS[0])
+    again, cached = greedy(cramped, case, QUESTIONS[0])  # still in its sequence
+    assert again == first and cached == first_cached(cramped, case, QUESTIONS[0])
+    transcript = [Exchange(QUESTIONS[0], cramped.tokenizer.decode(first, skip_special_tokens=True))]
+    follow, cached = greedy(cramped, case, QUESTIONS[1], transcript=transcript)  # the conversation, continued
+    system = cramped._prompt(case, chat(case, [], "?"))[1]
+    assert cached > system
+    greedy(cramped, case, QUESTIONS[2])
+    greedy(cramped, case, QUESTIONS[3])  # two other conversations: the first one is saved aside
+    greedy(cramped, case, QUESTIONS[1], adapter=False)  # and the bare base's, in its own context
+    restored, cached_again = greedy(cramped, case, QUESTIONS[1], transcript=transcript)
+    assert restored == follow and cached_again > system
+
+
+def first_cached(suspect, case, question) -> int:
+    """A prompt asked again reuses all of it but the last token, whose logits are needed."""
+    return len(suspect._prompt(case, chat(case, [], question))[0]) - 1
+
+
+def test_players_answered_together_get_their_answers_alone(suspects, case_and_adapter):
+    # Four players of the case and one of the bare base at once: each case's players share one llama_decode a
+    # step, each row its own conversation. Every answer is the one that player gets alone, and every player sees
+    # words before anyone's answer is over.
     case, _ = case_and_adapter
     suspect = suspects["llama.cpp"]
-    first, _ = greedy(suspect, case, QUESTIONS[0])
-    greedy(suspect, case, QUESTIONS[1], adapter=False)  # another adapter's KV in between
-    again, cached = greedy(suspect, case, QUESTIONS[0])  # the system prompt's state, restored
-    assert again == first and cached > 0
-    answer = suspect.tokenizer.decode(first, skip_special_tokens=True)
-    transcript = [Exchange(QUESTIONS[0], answer)]
-    follow, cached = greedy(suspect, case, QUESTIONS[1], transcript=transcript)  # the conversation, continued
-    assert cached > 0
-    greedy(suspect, case, QUESTIONS[2], adapter=False)
-    restored, cached_again = greedy(suspect, case, QUESTIONS[1], transcript=transcript)  # its saved state
-    assert restored == follow and cached_again > cached
+    asked = [(question, True) for question in QUESTIONS] + [(QUESTIONS[0], False)]
+    alone = [greedy(suspect, case, question, adapter)[0] for question, adapter in asked]
+    requests = [ask(suspect, case, question, adapter) for question, adapter in asked]
+    ended = {}
+
+    def finish(i: int) -> None:
+        ended[i] = (read(requests[i]), time.perf_counter())
+
+    threads = [threading.Thread(target=finish, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [ended[i][0] for i in range(len(requests))] == alone
+    assert max(r.first_token for r in requests) < min(at for _, at in ended.values())
+
+
+def test_guessing_players_answered_together_get_their_answers_alone(suspects, case_and_adapter):
+    # With guesses, a pass checks as many of each player's guessed tokens as the others leave room for.
+    case, _ = case_and_adapter
+    suspect = suspects["llama.cpp"]
+    guesses = suspect._guesses(case)
+    alone = [answer(suspect, case, question, drafts=guesses)[0] for question in QUESTIONS[:2]]
+    together = [ask(suspect, case, question, drafts=guesses) for question in QUESTIONS[:2]]
+    assert [read(r) for r in together] == alone
+    assert all(r.accepted_tokens > 0 for r in together)
 
 
 def test_what_was_guessed_does_not_change_the_answer(suspects, case_and_adapter):
