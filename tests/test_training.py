@@ -262,7 +262,7 @@ def test_external_conversations_train_an_adapter(scenarios, tmp_path):
                                {"role": "user", "content": "Where were you?"},
                                {"role": "assistant", "content": "At home."}]}]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    output = training.main(*args(scenarios, tmp_path / CASE.id, "--data", str(data), "--steps", "1"))
+    [output] = training.main(*args(scenarios, tmp_path / CASE.id, "--data", str(data), "--steps", "1"))
     meta = adapters.read_meta(output)
     assert meta["data"]["source"] == "file" and meta["data"]["file"] == "extra.jsonl" and meta["examples"] == 2
 
