@@ -96,6 +96,8 @@ def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments,
     gets its LoRA on a fresh copy of it. `callbacks`: extra transformers TrainerCallbacks."""
     started = time.perf_counter()
     cases = [load_case(script.scenarios, case_id) for case_id in script.cases()]  # every bad case id before any work
+    if data_args.data is not None and len(cases) > 1:
+        raise TrainingError("--data trains one case on a file of its conversations; give a single CASE_ID")
     base = resolve(script.base)
     backend = choose_backend(script.backend)
     on_gpu = cuda_available()
