@@ -14,6 +14,7 @@ import logging
 import gradio as gr
 
 from game.config import GameConfig
+from game.remote import EngineUnavailable
 from game.room import Briefing, Room, UnknownCase, UnknownGame, open_room
 from game.session import MoveRefused, Phase
 
@@ -109,9 +110,17 @@ def build_app(room: Room) -> gr.Blocks:
             history = [*history, {"role": "user", "content": shown}, {"role": "assistant", "content": "…"}]
             locked = gr.Button(interactive=False)
             yield history, "", "The suspect is answering…", locked, locked, gr.Button(interactive=False)
-            for partial in stream:
-                history[-1] = {"role": "assistant", "content": html.escape(partial, quote=False)}
-                yield history, "", "The suspect is answering…", locked, locked, gr.Button(interactive=False)
+            try:
+                for partial in stream:
+                    history[-1] = {"role": "assistant", "content": html.escape(partial, quote=False)}
+                    yield history, "", "The suspect is answering…", locked, locked, gr.Button(interactive=False)
+            except EngineUnavailable as exc:
+                # The room has withdrawn the question: the chat goes back to before it, and the question back into
+                # the box, so that asking again is one click; the message says what happened, there and as a toast.
+                gr.Warning(str(exc))
+                decidable = gr.Button(interactive=room.session(gid).questions_asked > 0)
+                yield history[:-2], text, f"⚠️ {exc}", decidable, decidable, gr.Button(interactive=True)
+                return
             open_ = gr.Button(interactive=True)
             more = room.session(gid).phase is Phase.QUESTIONING
             yield history, "", counter(room, gid), open_, open_, gr.Button(interactive=more)

@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,34 @@ GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_pro
 KV_CACHE_MB = 256  # saved conversations and system prompts (23 kB a token on the 135M base: ~20 conversations)
 DRAFT_TOKENS = 5  # a request's guesses (game.drafts) checked at once: measured best on 2 cores, docs/speed.md
 RESTORE_GAIN = 16  # restore a saved state only when it saves this many more tokens than the context already has
+
+
+@contextmanager
+def plain_cpu_buffers():
+    """Load a model with its weights in plain CPU buffers where this CPU has AMX.
+
+    ggml repacks weights for AMX into an extra buffer type, and its AMX matrix multiply crashes this build
+    (llama.cpp issue #20824: a segfault in ggml_backend_amx_mul_mat on the first decode, with or without an adapter).
+    llama-cpp-python's Llama takes no `use_extra_bufts`, so the default model parameters it starts from are wrapped
+    for the one construction. Elsewhere nothing changes: the Q4_1 base has no other repacked layout on x86.
+    """
+    from llama_cpp import llama_cpp  # the bindings module, whose default parameters Llama reads
+
+    if b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info():
+        yield
+        return
+    default = llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        yield
+    finally:
+        llama_cpp.llama_model_default_params = default
 
 
 def available() -> bool:
@@ -109,6 +138,14 @@ def _digest(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def gguf_lora(folder: Path, config) -> Path:
+    """The adapter folder as a GGUF LoRA in the cache, converted on first use (config: the base's AutoConfig)."""
+    out = cache_dir() / "lora-gguf" / f"{_digest(folder)}.gguf"
+    if not out.is_file():
+        to_gguf_lora(folder, out, config)
+    return out
+
+
 assert set(GGUF_NAMES) == set(GROUP_OF)
 
 
@@ -133,8 +170,9 @@ class LlamaCppEngine:
         self.threads_batch = threads_batch or int(os.environ.get("IR_THREADS_BATCH") or 0) or threads_env or cores
         env_drafts = os.environ.get("IR_DRAFT_TOKENS")
         self.draft_tokens = draft_tokens if draft_tokens is not None else int(env_drafts or DRAFT_TOKENS)
-        self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=self.threads,
-                                   n_threads_batch=self.threads_batch, verbose=False)
+        with plain_cpu_buffers():
+            self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=self.threads,
+                                       n_threads_batch=self.threads_batch, verbose=False)
         self._config = None
         self._adapters: dict[str, object] = {}  # name -> llama_adapter_lora pointer
         self._current: str | None = None  # adapter set on the context
@@ -152,9 +190,7 @@ class LlamaCppEngine:
             from game.base import resolve
 
             self._config = AutoConfig.from_pretrained(self.config_path or resolve(str(self.gguf)).path)
-        out = cache_dir() / "lora-gguf" / f"{_digest(folder)}.gguf"
-        if not out.is_file():
-            to_gguf_lora(folder, out, self._config)
+        out = gguf_lora(folder, self._config)
         with self._lock:
             adapter = self._lib.llama_adapter_lora_init(self.llm.model, str(out).encode())
             if not adapter:

@@ -10,6 +10,7 @@ Two engines run it, chosen by `engine=` or $IR_ENGINE ("auto", the default: the 
   (game/llamacpp.py). About 5x the tokens/s of torch on a 2-core CPU. Needs llama-cpp-python (the `cpu-fast`
   extra, which `make` installs; it builds from source) and a GGUF base; without either the torch engine runs.
 - "torch" (GPU, or CPU otherwise): game/engine.py, which batches concurrent players across their cases' adapters.
+A model server elsewhere answers instead when $IR_ENGINE_URL names one (game/remote.py, with these functions).
 """
 
 from __future__ import annotations
@@ -88,6 +89,13 @@ def answer_settled(raw: str) -> bool:
         return settled_at is not None or not text[end:].strip()
     # A sentence match is final once text follows it; the answer keeps only the first three distinct ones.
     return settled_at is not None and settled_at < len(text)
+
+
+def visible_answer(raw: str, ended: bool) -> str:
+    """What of an answer still streaming to show: whole words only (as transformers' TextIteratorStreamer does),
+    cut at the end of the turn."""
+    visible = raw if ended or raw.endswith("\n") else raw[:raw.rfind(" ") + 1]
+    return " ".join(_TURN_MARKERS.split(visible, maxsplit=1)[0].split())
 
 
 class Suspect:
@@ -230,9 +238,7 @@ class Suspect:
                 ended = batch[-1] is None
                 produced += [t for t in batch if t is not None]
                 raw = self.tokenizer.decode(produced, skip_special_tokens=False)
-                # Show whole words only (as transformers' TextIteratorStreamer does), cut at the end of the turn.
-                visible = raw if ended or raw.endswith("\n") else raw[:raw.rfind(" ") + 1]
-                now = " ".join(_TURN_MARKERS.split(visible, maxsplit=1)[0].split())
+                now = visible_answer(raw, ended)
                 if now and now != shown:
                     shown = now
                     yield shown

@@ -222,9 +222,9 @@ def test_a_verdict_before_any_question_is_refused(client):
 
 def test_moves_without_a_game_are_refused(client):
     # A client that never started a game (the page starts one on load; the API does not).
-    with pytest.raises(Exception, match="this game has ended or never existed: start a new case"):
+    with pytest.raises(Exception, match="Your game was lost"):
         client.predict("Hello?", [], api_name="/ask")
-    with pytest.raises(Exception, match="this game has ended or never existed: start a new case"):
+    with pytest.raises(Exception, match="Your game was lost"):
         client.predict(api_name="/guilty")
 
 

@@ -8,6 +8,7 @@ import html
 import json
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -120,18 +121,26 @@ def served(tmp_path_factory, serve, bundled):
     return room, serve(room)
 
 
-@pytest.fixture
-def page(browser, served, request):
-    _, url = served
+@contextmanager
+def opened(browser, url: str):
+    """A fresh browser session on the game's page, every response recorded (page.wire)."""
     context = browser.new_context(viewport={"width": 1100, "height": 1000})
     page = context.new_page()
     page.wire = Wire(page)
     page.goto(url)
     expect(page.locator("#begin")).to_be_visible()
     page.wire.settle()  # the random case of the page's first load is on screen
-    yield page
-    page.unroute_all(behavior="ignoreErrors")  # an answer may still be on its way
-    context.close()
+    try:
+        yield page
+    finally:
+        page.unroute_all(behavior="ignoreErrors")  # an answer may still be on its way
+        context.close()
+
+
+@pytest.fixture
+def page(browser, served):
+    with opened(browser, served[1]) as page:
+        yield page
 
 
 def shoot(page, name: str) -> None:
@@ -161,12 +170,13 @@ def bubbles(page, chat: str, role: str) -> list[str]:
     return [t.strip() for t in page.locator(f"#{chat} [data-testid={role}]").all_inner_texts()]
 
 
-def play_whole_game(page, case: dict, verdict: str, shots: str) -> None:
-    """Briefing, five questions, a refused sixth, the verdict: checking what the page shows at each step."""
+def play_whole_game(page, case: dict, verdict: str, shots: str, note: str = "Prompt-only suspect") -> None:
+    """Briefing, five questions, a refused sixth, the verdict: checking what the page shows at each step.
+    note: which suspect the briefing says plays (prompt-only: no adapter in this file's room)."""
     choose_case(page, case["title"])
     suspect = case["suspect"]
     expect(page.get_by_text(f"{suspect['name']}, {suspect['age']}, {suspect['role']}")).to_be_visible()
-    expect(page.get_by_text("Prompt-only suspect")).to_be_visible()  # no adapter in this room
+    expect(page.get_by_text(note)).to_be_visible()
     shoot(page, f"{shots}-1-briefing")
 
     page.locator("#begin").click()

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 
 from conftest import INNOCENT_CASE, MINIMAL_CASE, ROOT, connect, text_of, write_scenarios
 from game.config import GameConfig
@@ -93,7 +94,7 @@ def test_the_case_record_counts_the_players_who_got_it_right(tmp_path):
 def test_a_game_cannot_be_recorded_twice(tmp_path):
     store = ResultStore(tmp_path / "results.db")
     store.record("g1", "greenhouse-test", finished("a"))
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(IntegrityError):
         store.record("g1", "greenhouse-test", finished("b"))
     assert [g["transcript"][0]["question"] for g in store.games()] == ["a question 0?"]
 
