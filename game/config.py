@@ -41,7 +41,7 @@ class GameConfig:
 
             try:
                 make_url(self.results)
-            except ArgumentError as exc:
+            except (ArgumentError, ValueError) as exc:
                 raise ConfigError(f"IR_RESULTS_DB is neither a file path nor a database URL: {exc}") from exc
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"IR_MAX_NEW_TOKENS must be at least 1, not {self.max_new_tokens}")

@@ -9,7 +9,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("sse_starlette")  # the `server` extra
 pytest.importorskip("starlette_context")
 
-from conftest import ROOT, connect, text_of  # noqa: E402
+from conftest import ROOT, connect, free_port, text_of  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 from test_browser import browser, opened, play_whole_game, shoot  # noqa: E402,F401  (browser: the fixture)
 from game import adapters as adapter_files  # noqa: E402
@@ -38,12 +37,6 @@ SERVED = ("lighthouse-logbook", "museum-glass-hare")  # the server offers these 
 UNSERVED = "bakeoff-salt"  # this one has an adapter in adapters/, but the server does not offer it
 KEY = "test-engine-key"
 TOKENS = 40  # answers of a sentence or two keep the module's time modest on a 2-core CPU
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class EngineServer:

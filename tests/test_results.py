@@ -3,23 +3,20 @@ sessions write at once or the server is killed."""
 
 import html
 import json
-import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from sqlalchemy.exc import IntegrityError
 
-from conftest import INNOCENT_CASE, MINIMAL_CASE, ROOT, connect, text_of, write_scenarios
-from game.config import GameConfig
+from conftest import INNOCENT_CASE, MINIMAL_CASE, ROOT, connect, start_server, text_of, write_scenarios
+from game.config import ConfigError, GameConfig
 from game.results import ResultStore
 from game.session import Exchange, Result
 
@@ -68,6 +65,11 @@ def test_a_damaged_store_is_kept_aside_and_the_game_starts_with_a_new_one(tmp_pa
 def test_the_store_path_is_configurable(monkeypatch, tmp_path):
     monkeypatch.setenv("IR_RESULTS_DB", str(tmp_path / "elsewhere.db"))
     assert GameConfig.from_env().results == tmp_path / "elsewhere.db"
+
+
+def test_a_bad_database_url_is_a_clear_message():
+    with pytest.raises(ConfigError, match="IR_RESULTS_DB is neither a file path nor a database URL"):
+        GameConfig(results="postgresql://user@host:port-is-not-a-number/db")
 
 
 def test_a_finished_game_is_stored_whole(tmp_path):
@@ -157,32 +159,6 @@ def test_a_killed_writer_leaves_only_whole_games(tmp_path):
     assert set(acknowledged) <= set(stored)
     for game_id in acknowledged:
         assert json.loads(stored[game_id]["transcript"])[0]["question"] == f"{game_id} question 0?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(folder: Path, **env) -> tuple[subprocess.Popen, str]:
-    """`python app.py` in its own process, configured through the environment as a deployment would be."""
-    port = free_port()
-    log = open(folder / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, stdout=log,
-                              stderr=subprocess.STDOUT, env=os.environ | env)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited: {(folder / 'server.log').read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=5)
-            return server, url
-        except OSError:
-            time.sleep(1)
-    server.kill()
-    raise TimeoutError("the server did not start")
 
 
 def test_a_killed_server_keeps_every_game_whose_verdict_returned(tmp_path):
