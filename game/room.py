@@ -98,7 +98,8 @@ class Room:
     def _swap(self, game_id: str, move) -> Session:
         """Apply a move atomically: the session may be touched by two requests of the same player at once."""
         with self._lock:
-            self._games[self._known(game_id)] = new = move(self._games[game_id])
+            game_id = self._known(game_id)
+            self._games[game_id] = new = move(self._games[game_id])
             return new
 
     def check_question(self, game_id: str, question: str) -> None:
