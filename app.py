@@ -13,7 +13,7 @@ import logging
 
 import gradio as gr
 
-from game.config import GameConfig
+from game.config import ConfigError, GameConfig
 from game.remote import EngineUnavailable
 from game.room import Briefing, Room, UnknownCase, UnknownGame, open_room
 from game.session import MoveRefused, Phase
@@ -167,7 +167,10 @@ def main() -> None:
     parser.add_argument("--base", default=None, help="base model: embedded, a .gguf, a Llama folder or a hub id")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    room = open_room(GameConfig.from_env(base=args.base))
+    try:
+        room = open_room(GameConfig.from_env(base=args.base))
+    except (ConfigError, EngineUnavailable) as exc:  # a setting or the model server: say which, not a traceback
+        raise SystemExit(f"error: {exc}") from None
     launch(room, server_name=args.host, server_port=args.port)
 
 

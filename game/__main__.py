@@ -18,7 +18,7 @@ from pathlib import Path
 
 from game import adapters as adapter_files
 from game import model_server
-from game.config import GameConfig
+from game.config import ConfigError, GameConfig
 from game.scenario import json_schema, load_cases, read_cases
 from game.session import MoveRefused
 
@@ -48,9 +48,14 @@ def list_cases(args: argparse.Namespace, config: GameConfig) -> int:
 
 
 def play(args: argparse.Namespace, config: GameConfig) -> int:
+    from game.remote import EngineUnavailable
     from game.room import UnknownCase, open_room
 
-    room = open_room(config)
+    try:
+        room = open_room(config)
+    except EngineUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         briefing = room.new_game(args.case_id)
     except UnknownCase as exc:
@@ -71,6 +76,9 @@ def play(args: argparse.Namespace, config: GameConfig) -> int:
                 pass
         except MoveRefused as exc:
             print(f"Refused: {question!r}: {exc}", file=out)
+            continue
+        except EngineUnavailable as exc:
+            print(f"Not answered: {question!r}: {exc}", file=out)
             continue
         print(f"Q: {question}\nA: {answer}\n", file=out)
         if not args.questions_file and room.session(briefing.game_id).questions_left == 0:
@@ -134,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=serve_config)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    config = GameConfig.from_env(scenarios=args.scenarios, adapters=args.adapters, base=args.base)
+    try:
+        config = GameConfig.from_env(scenarios=args.scenarios, adapters=args.adapters, base=args.base)
+    except ConfigError as exc:  # say which setting, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return args.run(args, config)
 
 

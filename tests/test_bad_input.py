@@ -4,12 +4,15 @@ serving, and no other game or case is affected."""
 import copy
 import json
 import logging
+import os
+import subprocess
+import sys
 from concurrent.futures import wait
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import INNOCENT_CASE, MINIMAL_CASE, connect, text_of, write_scenarios
+from conftest import INNOCENT_CASE, MINIMAL_CASE, ROOT, connect, text_of, write_scenarios
 from game import adapters as adapter_files
 from game.config import GameConfig
 from game.room import UnknownCase, open_room
@@ -252,3 +255,14 @@ def test_bad_input_leaves_another_players_game_untouched(served):
     result, *_ = player.predict(api_name="/guilty")
     assert "You were right" in result
     assert ["Undisturbed: where were you?", "Undisturbed: and after that?"] in stored_questions(room, CORRUPT["id"])
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("IR_ENGINE_URL", "ftp://models.example", "IR_ENGINE_URL must be an http(s) URL"),
+    ("IR_MAX_NEW_TOKENS", "many", "IR_MAX_NEW_TOKENS must be a number"),
+    ("IR_RESULTS_DB", "postgresql://user@host:port/db", "IR_RESULTS_DB is neither a file path nor a database URL"),
+])
+def test_a_bad_setting_stops_the_start_with_a_message_naming_it(name, value, message):
+    done = subprocess.run([sys.executable, "-m", "game", "list"], cwd=ROOT, env=os.environ | {name: value},
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
