@@ -27,6 +27,7 @@ from game.session import Exchange
 from game.suspect import GenerationSettings, answer_settled, clean_answer, visible_answer
 
 log = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # its line per request, one per answer, would drown the game's
 
 CONNECT_TIMEOUT_S = 5.0  # a server that does not accept a connection in this long is down, not busy
 

@@ -27,6 +27,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
 ANSWER_WAIT_MS = 240_000  # one answer on a busy 2-core CPU
+PAGE_WAIT_MS = 60_000  # the page's scripts, on the same busy CPU (Playwright's 5 s default is short for it)
 QUESTIONS = ["Where were you last night?", "Who else has a key to the greenhouse?", "What did you find this morning?",
              "Why is the east pane broken?", "Did you take the orchid?"]
 SIXTH_REFUSED = "you have asked all 5 questions; give your verdict"
@@ -128,7 +129,7 @@ def opened(browser, url: str):
     page = context.new_page()
     page.wire = Wire(page)
     page.goto(url)
-    expect(page.locator("#begin")).to_be_visible()
+    expect(page.locator("#begin")).to_be_visible(timeout=PAGE_WAIT_MS)
     page.wire.settle()  # the random case of the page's first load is on screen
     try:
         yield page
