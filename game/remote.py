@@ -87,9 +87,6 @@ class RemoteSuspect:
     def draft_tokens_for(self, case: Case) -> int:
         return 0
 
-    def prepare(self, case: Case) -> None:
-        """Nothing to warm here: the server keeps its own caches."""
-
     def request(self, case: Case, transcript: Sequence[Exchange], question: str) -> dict:
         """The chat completion asked for this answer: the game's prompt and generation settings, greedy."""
         s = self.settings
