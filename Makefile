@@ -14,7 +14,7 @@ LLAMA_CPP ?= auto
 play: $(STAMP)
 	$(PY) app.py --host $(HOST) --port $(PORT)
 
-test: $(STAMP) chromium
+test: $(STAMP) chromium postgresql
 	$(PY) -m pytest
 
 install: $(STAMP)
@@ -47,4 +47,8 @@ CHROMIUM_PACKAGES := chromium fonts-noto-color-emoji
 chromium:
 	@dpkg -s $(CHROMIUM_PACKAGES) >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CHROMIUM_PACKAGES) >/dev/null; }
 
-.PHONY: chromium
+# Debian's PostgreSQL server for the tests of results shared by several web servers (each test run starts its own).
+postgresql:
+	@dpkg -s postgresql >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
+.PHONY: chromium postgresql

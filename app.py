@@ -13,7 +13,8 @@ import logging
 
 import gradio as gr
 
-from game.config import GameConfig
+from game.config import ConfigError, GameConfig
+from game.remote import EngineUnavailable
 from game.results import CaseRecord
 from game.room import Briefing, Room, UnknownCase, UnknownGame, Verdict, open_room
 from game.score import Score
@@ -216,9 +217,18 @@ def build_app(room: Room, answers_at_once: int = ANSWERS_AT_ONCE) -> gr.Blocks:
             locked = (thinking(room.persona(gid).name), gr.Textbox(value="", interactive=False),
                       *[gr.Button(interactive=False)] * 3)
             yield history, *locked
-            for partial in stream:
-                history[-1] = {"role": "assistant", "content": html.escape(partial, quote=False)}
-                yield history, *locked
+            try:
+                for partial in stream:
+                    history[-1] = {"role": "assistant", "content": html.escape(partial, quote=False)}
+                    yield history, *locked
+            except EngineUnavailable as exc:
+                # The room has withdrawn the question: the chat goes back to before it, and the question back into
+                # the box, so that asking again is one click; the message says what happened, there and as a toast.
+                gr.Warning(str(exc))
+                decidable = gr.Button(interactive=room.session(gid).questions_asked > 0)
+                yield (history[:-2], status(f"⚠️ {html.escape(str(exc), quote=False)}"),
+                       gr.Textbox(value=text, interactive=True), decidable, decidable, gr.Button(interactive=True))
+                return
             yield history, *controls(gid)  # what an API caller is left with: the counter, the box open again
 
         def controls(gid: str | None):
@@ -281,7 +291,10 @@ def main() -> None:
     parser.add_argument("--base", default=None, help="base model: embedded, a .gguf, a Llama folder or a hub id")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    room = open_room(GameConfig.from_env(base=args.base))
+    try:
+        room = open_room(GameConfig.from_env(base=args.base))
+    except (ConfigError, EngineUnavailable) as exc:  # a setting or the model server: say which, not a traceback
+        raise SystemExit(f"error: {exc}") from None
     launch(room, server_name=args.host, server_port=args.port)
 
 

@@ -4,9 +4,11 @@ checks that no answer went to the wrong session, no request failed and every gam
 
     .venv/bin/python benchmarks/load.py                                   # 20 players, whole games
     .venv/bin/python benchmarks/load.py --players 5 --questions 2 --label quick
+    .venv/bin/python benchmarks/load.py --engine_url http://127.0.0.1:8000/v1 --label llama-cpp-server   # model apart
 
 Serves `python app.py` in a child process on a free port, as `make play` does: the bundled cases and adapters,
-the game's own generation settings, and a fresh results database in a temporary folder. Each player is one
+the game's own generation settings, and a fresh results database in a temporary folder. With --engine_url the
+app asks that model server for every answer (game/remote.py; start one with `python -m game serve-config`). Each player is one
 gradio_client Client (one browser session) in its own thread, and all start together. An answer's latency runs
 from sending the question to its final text, so it includes the wait behind other players' answers; "first words"
 runs to the first text of the answer. The machine's load average is recorded before and after: on a shared
@@ -46,6 +48,9 @@ class Arguments:
     questions: int = field(default=5, metadata={"help": "Questions per game (the game allows five)."})
     max_new_tokens: int | None = field(default=None, metadata={"help": "Answer length cap; default: the game's."})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda for the server; default: the game's."})
+    engine_url: str | None = field(default=None, metadata={
+        "help": "An OpenAI-compatible model server that answers for the app (IR_ENGINE_URL; $IR_ENGINE_KEY is passed "
+                "on); default: the model runs in the app's process."})
     scenarios: Path = field(default=ROOT / "scenarios", metadata={"help": "Folder of case files."})
     adapters: Path = field(default=ROOT / "adapters", metadata={"help": "Folder of trained adapters."})
     client_timeout_s: float = field(default=600, metadata={"help": "How long a player waits for any one reply."})
@@ -68,6 +73,8 @@ def serve(args: Arguments, folder: Path) -> tuple[subprocess.Popen, str]:
         env["IR_MAX_NEW_TOKENS"] = str(args.max_new_tokens)
     if args.device:
         env["IR_DEVICE"] = args.device
+    if args.engine_url:
+        env["IR_ENGINE_URL"] = args.engine_url
     log = open(folder / "server.log", "w")
     server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=log,
                               stderr=subprocess.STDOUT)
@@ -179,7 +186,7 @@ def main(args: Arguments) -> dict:
         "settings": {"players": args.players, "questions_per_game": args.questions, "cases": cases,
                      "max_new_tokens": args.max_new_tokens or settings.max_new_tokens, "engine": engine,
                      "answers_at_once": ANSWERS_AT_ONCE, "threads": os.environ.get("IR_THREADS"),
-                     "draft_tokens": os.environ.get("IR_DRAFT_TOKENS"),
+                     "draft_tokens": os.environ.get("IR_DRAFT_TOKENS"), "engine_url": args.engine_url,
                      "transport": "gradio_client over HTTP on localhost"},
         "server_ready_s": round(ready_s, 2),
         "wall_s": round(wall, 2),

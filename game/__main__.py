@@ -4,6 +4,8 @@
     python -m game list [--json]              the playable cases and their adapters
     python -m game schema                     print the JSON schema of a case file
     python -m game play CASE_ID [--questions-file F --verdict guilty|innocent] [--json]
+    python -m game serve-config vllm|llama-cpp [--host H --port P --out FILE]
+                                              the command that serves every adapter from a model server
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import sys
 from pathlib import Path
 
 from game import adapters as adapter_files
-from game.config import GameConfig
+from game import model_server
+from game.config import ConfigError, GameConfig
 from game.scenario import advice, json_schema, load_cases, read_cases
 from game.session import MoveRefused
 
@@ -51,9 +54,14 @@ def list_cases(args: argparse.Namespace, config: GameConfig) -> int:
 
 
 def play(args: argparse.Namespace, config: GameConfig) -> int:
+    from game.remote import EngineUnavailable
     from game.room import UnknownCase, open_room
 
-    room = open_room(config)
+    try:
+        room = open_room(config)
+    except EngineUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         briefing = room.new_game(args.case_id)
     except UnknownCase as exc:
@@ -74,6 +82,9 @@ def play(args: argparse.Namespace, config: GameConfig) -> int:
                 pass
         except MoveRefused as exc:
             print(f"Refused: {question!r}: {exc}", file=out)
+            continue
+        except EngineUnavailable as exc:
+            print(f"Not answered: {question!r}: {exc}", file=out)
             continue
         print(f"Q: {question}\nA: {answer}\n", file=out)
         if not args.questions_file and room.session(briefing.game_id).questions_left == 0:
@@ -98,6 +109,17 @@ def play(args: argparse.Namespace, config: GameConfig) -> int:
     return 0
 
 
+def serve_config(args: argparse.Namespace, config: GameConfig) -> int:
+    from game.base import resolve
+
+    try:
+        print(model_server.serve_config(args.engine, config, resolve(config.base), args.host, args.port, args.out))
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m game", description=__doc__.split("\n")[0])
     parser.add_argument("--scenarios", type=Path, help="case folder (default: scenarios/, or $IR_SCENARIOS)")
@@ -119,9 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verdict", choices=["guilty", "innocent"])
     p.add_argument("--json", action="store_true", help="print the transcript and result as one JSON object")
     p.set_defaults(run=play)
+    p = sub.add_parser("serve-config", help="print the command that serves every adapter from a model server")
+    p.add_argument("engine", choices=model_server.ENGINES)
+    p.add_argument("--host", default="127.0.0.1", help="interface the model server binds (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="its port (default 8000)")
+    p.add_argument("--out", type=Path, help="llama-cpp: where to write its config file")
+    p.set_defaults(run=serve_config)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    config = GameConfig.from_env(scenarios=args.scenarios, adapters=args.adapters, base=args.base)
+    try:
+        config = GameConfig.from_env(scenarios=args.scenarios, adapters=args.adapters, base=args.base)
+    except ConfigError as exc:  # say which setting, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return args.run(args, config)
 
 

@@ -29,6 +29,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,35 @@ KV_CELLS = 4096  # a case's KV: its system prompt and ~8 whole conversations at 
 SEQUENCES = 32  # a case's system prompt and up to 31 conversations kept at once
 BATCH_TOKENS = 512  # the most tokens in one llama_decode
 PREFILL_CHUNK = 128  # the most tokens of one prompt in a pass: a long one does not hold everyone's next token up
+
+
+@contextmanager
+def plain_cpu_buffers():
+    """While inside, llama-cpp-python's `Llama` loads a model with its weights in plain CPU buffers where this CPU
+    has AMX, as this engine loads its own (game.llama_server runs llama.cpp's server inside it).
+
+    ggml repacks weights for AMX into an extra buffer type, and its AMX matrix multiply crashes this build
+    (llama.cpp issue #20824: a segfault in ggml_backend_amx_mul_mat on the first decode, with or without an adapter).
+    `Llama` takes no `use_extra_bufts`, so the default model parameters it starts from are wrapped. Elsewhere nothing
+    changes: the Q4_1 base has no other repacked layout on x86.
+    """
+    from llama_cpp import llama_cpp  # the bindings module, whose default parameters Llama reads
+
+    if b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info():
+        yield
+        return
+    default = llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        yield
+    finally:
+        llama_cpp.llama_model_default_params = default
 
 
 def available() -> bool:
@@ -124,6 +154,14 @@ def _digest(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def gguf_lora(folder: Path, config) -> Path:
+    """The adapter folder as a GGUF LoRA in the cache, converted on first use (config: the base's AutoConfig)."""
+    out = cache_dir() / "lora-gguf" / f"{_digest(folder)}.gguf"
+    if not out.is_file():
+        to_gguf_lora(folder, out, config)
+    return out
+
+
 assert set(GGUF_NAMES) == set(GROUP_OF)
 
 
@@ -184,9 +222,7 @@ class LlamaCppEngine:
             from game.base import resolve
 
             self._config = AutoConfig.from_pretrained(self.config_path or resolve(str(self.gguf)).path)
-        out = cache_dir() / "lora-gguf" / f"{_digest(folder)}.gguf"
-        if not out.is_file():
-            to_gguf_lora(folder, out, self._config)
+        out = gguf_lora(folder, self._config)
         with self._lock:
             adapter = self._lib.llama_adapter_lora_init(self._model, str(out).encode())
             if not adapter:

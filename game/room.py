@@ -27,6 +27,8 @@ from game.session import Exchange, MoveRefused, Result, Session
 log = logging.getLogger(__name__)
 
 MAX_GAMES = 10_000  # finished and abandoned games are forgotten oldest first beyond this
+GAME_LOST = ("Your game was lost: the server restarted (or your browser reached another server) and the questions "
+             "so far are gone. Start a new case.")
 
 
 class UnknownCase(LookupError):
@@ -85,15 +87,20 @@ class Room:
 
     def session(self, game_id: str) -> Session:
         with self._lock:
-            if game_id not in self._games:
-                raise UnknownGame("this game has ended or never existed: start a new case")
-            return self._games[game_id]
+            return self._games[self._known(game_id)]
+
+    def _known(self, game_id: str | None) -> str:
+        # A game in progress lives only in the memory of the server that started it; a game id (or, from a page
+        # whose server state is gone, none) that this server does not hold is a game it lost, most likely to a
+        # restart. The player reads this, not a failure.
+        if game_id not in self._games:
+            raise UnknownGame(GAME_LOST)
+        return game_id
 
     def _swap(self, game_id: str, move) -> Session:
         """Apply a move atomically: the session may be touched by two requests of the same player at once."""
         with self._lock:
-            if game_id not in self._games:
-                raise UnknownGame("this game has ended or never existed: start a new case")
+            game_id = self._known(game_id)
             self._games[game_id] = new = move(self._games[game_id])
             return new
 
@@ -135,14 +142,41 @@ class Room:
 
 
 def open_room(config: GameConfig) -> Room:
-    """Read the cases, load the base once and every usable adapter beside it."""
-    from game.suspect import GenerationSettings, Suspect
+    """Read the cases, and load the base once and every usable adapter beside it, or ask the model server which
+    adapters it offers."""
+    from game.suspect import GenerationSettings
 
     cases = load_cases(config.scenarios)
-    base = resolve(config.base)
     settings = GenerationSettings()
     if config.max_new_tokens:
         settings = replace(settings, max_new_tokens=config.max_new_tokens)
+    if config.engine_url:
+        suspect, notes = _served(config, cases, settings)
+    else:
+        suspect, notes = _local(config, cases, settings)
+    return Room(cases, suspect, notes, ResultStore(config.results))
+
+
+def _served(config: GameConfig, cases: dict[str, LoadedCase], settings):
+    """The model tier runs elsewhere: no base or adapter is read here."""
+    from game.remote import RemoteSuspect
+
+    suspect = RemoteSuspect(config.engine_url, config.engine_key, config.engine_model, settings,
+                            config.engine_timeout_s)
+    notes = {}
+    for case_id in cases:
+        if suspect.use_served_adapter(case_id):
+            notes[case_id] = "Fine-tuned suspect"
+        else:
+            log.warning("%s: the model server offers no adapter named %s: playing prompt-only", case_id, case_id)
+            notes[case_id] = "Prompt-only suspect: the model server offers no adapter for this case"
+    return suspect, notes
+
+
+def _local(config: GameConfig, cases: dict[str, LoadedCase], settings):
+    from game.suspect import Suspect
+
+    base = resolve(config.base)
     suspect = Suspect(base, device=config.device, settings=settings)
     notes = {}
     for case_id, loaded in cases.items():
@@ -157,7 +191,7 @@ def open_room(config: GameConfig) -> Room:
         else:
             notes[case_id] = "Prompt-only suspect: " + info.message.replace(str(info.path), f"adapters/{case_id}")
         suspect.prepare(loaded.case)
-    return Room(cases, suspect, notes, ResultStore(config.results))
+    return suspect, notes
 
 
 __all__ = ["Room", "open_room", "Briefing", "Verdict", "UnknownCase", "UnknownGame", "MoveRefused"]

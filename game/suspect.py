@@ -11,6 +11,7 @@ Two engines run it, chosen by `engine=` or $IR_ENGINE ("auto", the default: the 
   (game/llamacpp.py). About 5x the tokens/s of torch on a 2-core CPU. Needs llama-cpp-python (the `cpu-fast`
   extra, which `make` installs; it builds from source) and a GGUF base; without either the torch engine runs.
 - "torch" (GPU, or CPU otherwise): game/engine.py, which batches concurrent players across their cases' adapters.
+A model server elsewhere answers instead when $IR_ENGINE_URL names one (game/remote.py, with these functions).
 """
 
 from __future__ import annotations
@@ -92,6 +93,13 @@ def answer_settled(raw: str) -> bool:
     return settled_at is not None and settled_at < len(text)
 
 
+def may_repeat(shown: str, transcript: Sequence[Exchange]) -> bool:
+    """Whether an answer streaming out could still be one this interrogation has heard: it is held back until it
+    cannot, so that a player never sees a repeat begin before `not_again` replaces it."""
+    start = normalize(shown)
+    return any(normalize(e.answer).startswith(start) for e in transcript)
+
+
 def not_again(case: Case, transcript: Sequence[Exchange], answer: str) -> str:
     """The answer, or where it repeats one this interrogation has heard, a reminder ("I've told you already") in the
     suspect's manner: the first of the case's that it has not said yet."""
@@ -100,6 +108,11 @@ def not_again(case: Case, transcript: Sequence[Exchange], answer: str) -> str:
         return answer
     fresh = [r for r in case.repeat_lines if not any(same_answer(r, e) for e in earlier)]
     return (fresh or case.repeat_lines)[0]
+def visible_answer(raw: str, ended: bool) -> str:
+    """What of an answer still streaming to show: whole words only (as transformers' TextIteratorStreamer does),
+    cut at the end of the turn."""
+    visible = raw if ended or raw.endswith("\n") else raw[:raw.rfind(" ") + 1]
+    return " ".join(_TURN_MARKERS.split(visible, maxsplit=1)[0].split())
 
 
 class Suspect:
@@ -231,7 +244,6 @@ class Suspect:
                                               drafts=self._guesses(case)))
         produced: list[int] = []
         raw, shown, settled, ended = "", "", False, False
-        said = [normalize(e.answer) for e in transcript]
         try:
             while not ended:
                 item = request.tokens.get()
@@ -244,11 +256,8 @@ class Suspect:
                 ended = batch[-1] is None
                 produced += [t for t in batch if t is not None]
                 raw = self.tokenizer.decode(produced, skip_special_tokens=False)
-                # Show whole words only (as transformers' TextIteratorStreamer does), cut at the end of the turn.
-                visible = raw if ended or raw.endswith("\n") else raw[:raw.rfind(" ") + 1]
-                now = " ".join(_TURN_MARKERS.split(visible, maxsplit=1)[0].split())
-                # Held back while it could still be an earlier answer said again, which the player must not see.
-                if now and now != shown and not any(line.startswith(normalize(now)) for line in said):
+                now = visible_answer(raw, ended)
+                if now and now != shown and not may_repeat(now, transcript):
                     shown = now
                     yield shown
                 if not ended and answer_settled(raw):

@@ -1,5 +1,11 @@
 import copy
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -105,3 +111,29 @@ def text_of(message) -> str:
     """The text of a Chatbot message as the API returns it."""
     content = message["content"]
     return content if isinstance(content, str) else "".join(part["text"] for part in content)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(folder: Path, **env) -> tuple[subprocess.Popen, str]:
+    """`python app.py` in its own process, configured through the environment as a deployment would be."""
+    port = free_port()
+    log = open(folder / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, stdout=log,
+                              stderr=subprocess.STDOUT, env=os.environ | env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited: {(folder / 'server.log').read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return server, url
+        except OSError:
+            time.sleep(1)
+    server.kill()
+    raise TimeoutError("the server did not start")

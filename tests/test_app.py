@@ -104,3 +104,31 @@ def test_the_verdict_says_how_the_player_did_against_everyone_on_the_case():
         "3 of 4 players got this case right (75%); you are the only one who missed it.")
     assert standing(False, CaseRecord(played=3, solved=0)) == (
         "0 of 3 players got this case right (0%); you are among the 3 who missed it.")
+def test_a_restarted_server_tells_the_player_their_game_was_lost(served, tmp_path):
+    # A game in progress lives in the memory of the web server that started it: after a restart the page's next
+    # move reaches a server that never heard of it, and the player is told so rather than shown a failure.
+    from app import build_app
+    from conftest import free_port
+    from game.room import Room
+
+    room, _ = served
+    port = free_port()
+
+    def start():
+        demo = build_app(Room(room.cases, room.suspect, room.notes, room.store)).queue()
+        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+        return demo
+
+    demo = start()
+    player = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    player.predict(MINIMAL_CASE["id"], api_name="/new_game")
+    player.predict("Where were you last night?", [], api_name="/ask")
+    demo.close()
+    demo = start()
+    try:
+        with pytest.raises(Exception, match="Your game was lost: the server restarted"):
+            player.predict("And after that?", [], api_name="/ask")
+        with pytest.raises(Exception, match="Your game was lost: the server restarted"):
+            player.predict(api_name="/guilty")
+    finally:
+        demo.close()

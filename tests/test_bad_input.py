@@ -4,13 +4,16 @@ serving, and no other game or case is affected."""
 import copy
 import json
 import logging
+import os
+import subprocess
+import sys
 from concurrent.futures import wait
 from types import SimpleNamespace
 
 import pytest
 
 from app import status
-from conftest import INNOCENT_CASE, MINIMAL_CASE, connect, text_of, write_scenarios
+from conftest import INNOCENT_CASE, MINIMAL_CASE, ROOT, connect, text_of, write_scenarios
 from game import adapters as adapter_files
 from game.config import GameConfig
 from game.room import UnknownCase, open_room
@@ -223,9 +226,9 @@ def test_a_verdict_before_any_question_is_refused(client):
 
 def test_moves_without_a_game_are_refused(client):
     # A client that never started a game (the page starts one on load; the API does not).
-    with pytest.raises(Exception, match="this game has ended or never existed: start a new case"):
+    with pytest.raises(Exception, match="Your game was lost"):
         client.predict("Hello?", [], api_name="/ask")
-    with pytest.raises(Exception, match="this game has ended or never existed: start a new case"):
+    with pytest.raises(Exception, match="Your game was lost"):
         client.predict(api_name="/guilty")
 
 
@@ -253,3 +256,14 @@ def test_bad_input_leaves_another_players_game_untouched(served):
     result, *_ = player.predict(api_name="/guilty")
     assert "You were right" in result
     assert ["Undisturbed: where were you?", "Undisturbed: and after that?"] in stored_questions(room, CORRUPT["id"])
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("IR_ENGINE_URL", "ftp://models.example", "IR_ENGINE_URL must be an http(s) URL"),
+    ("IR_MAX_NEW_TOKENS", "many", "IR_MAX_NEW_TOKENS must be a number"),
+    ("IR_RESULTS_DB", "postgresql://user@host:port/db", "IR_RESULTS_DB is neither a file path nor a database URL"),
+])
+def test_a_bad_setting_stops_the_start_with_a_message_naming_it(name, value, message):
+    done = subprocess.run([sys.executable, "-m", "game", "list"], cwd=ROOT, env=os.environ | {name: value},
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr

