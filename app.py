@@ -229,7 +229,9 @@ def build_app(room: Room, answers_at_once: int = ANSWERS_AT_ONCE) -> gr.Blocks:
                 yield (history[:-2], status(f"⚠️ {html.escape(str(exc), quote=False)}"),
                        gr.Textbox(value=text, interactive=True), decidable, decidable, gr.Button(interactive=True))
                 return
-            yield history, *controls(gid)  # what an API caller is left with: the counter, the box open again
+            # What an API caller is left with: the counter. The box opens in the next step (controls), once the page
+            # shows the counter: never "is thinking" beside an open box.
+            yield history, counter(room, gid), *locked[1:]
 
         def controls(gid: str | None):
             """The question box and the buttons as the rules now allow, after an answer or a failed one."""
