@@ -226,8 +226,8 @@ def build_app(room: Room, answers_at_once: int = ANSWERS_AT_ONCE) -> gr.Blocks:
                 # the box, so that asking again is one click; the message says what happened, there and as a toast.
                 gr.Warning(str(exc))
                 decidable = gr.Button(interactive=room.session(gid).questions_asked > 0)
-                yield (history[:-2], status(f"⚠️ {html.escape(str(exc), quote=False)}"),
-                       gr.Textbox(value=text, interactive=True), decidable, decidable, gr.Button(interactive=True))
+                yield (history[:-2], status(f"⚠️ {html.escape(str(exc), quote=False)}"), text, decidable, decidable,
+                       gr.Button(interactive=True))
                 return
             # What an API caller is left with: the counter. The box opens in the next step (controls), once the page
             # shows the counter: never "is thinking" beside an open box.

@@ -22,6 +22,7 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("sse_starlette")  # the `server` extra
 pytest.importorskip("starlette_context")
 
+from app import status
 from conftest import ROOT, connect, free_port, text_of  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 from test_browser import browser, opened, play_whole_game, shoot  # noqa: E402,F401  (browser: the fixture)
@@ -206,17 +207,17 @@ def test_a_server_down_is_a_message_on_the_page_and_the_question_can_be_asked_ag
     room = open_room(config(tmp_path, own_engine))
     client = connect(serve(room))
     client.predict(SERVED[1], api_name="/new_game")
-    history, box, progress, *_ = client.predict("Where were you during the blackout?", [], api_name="/ask")
-    assert progress == "Question 2 of 5"
+    history, progress, box, *_ = client.predict("Where were you during the blackout?", [], api_name="/ask")
+    assert progress == status("Question 2 of 5")
     own_engine.kill()
     question = "Who else went down to the basement?"
-    history, box, progress, *_ = client.predict(question, history, api_name="/ask")
+    history, progress, box, *_ = client.predict(question, history, api_name="/ask")
     assert "model server cannot be reached" in progress and "ask it again" in progress
     assert box == question  # back in the box, to send again
     assert [text_of(m) for m in history if m["role"] == "user"] == ["Where were you during the blackout?"]
     own_engine.start()
-    history, box, progress, *_ = client.predict(question, history, api_name="/ask")
-    assert progress == "Question 3 of 5" and text_of(history[-1])
+    history, progress, box, *_ = client.predict(question, history, api_name="/ask")
+    assert progress == status("Question 3 of 5") and text_of(history[-1])
     assert [text_of(m) for m in history if m["role"] == "user"] == ["Where were you during the blackout?", question]
 
 
