@@ -22,7 +22,7 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("sse_starlette")  # the `server` extra
 pytest.importorskip("starlette_context")
 
-from app import status
+from app import status  # noqa: E402
 from conftest import ROOT, connect, free_port, text_of  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 from test_browser import browser, opened, play_whole_game, shoot  # noqa: E402,F401  (browser: the fixture)
