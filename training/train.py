@@ -107,9 +107,11 @@ def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments,
         raise TrainingError("--load_in_4bit needs a CUDA GPU (bitsandbytes); the CPU trains the base in fp32")
     model, tokenizer = load_base(backend, base, train, data_args.max_length, in_4bit)
     outputs = []
+    since = started  # the first case's wall time includes the shared loading it waited for
     for loaded in cases:
         outputs.append(train_case(loaded, model, tokenizer, base, backend, on_gpu, in_4bit, script, data_args, lora,
-                                  train, callbacks, time.perf_counter() - started if not outputs else 0.0))
+                                  train, callbacks, since))
+        since = time.perf_counter()
     if len(cases) > 1:
         log.info("%d adapters in %.0f s", len(cases), time.perf_counter() - started)
     return outputs
@@ -117,10 +119,8 @@ def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments,
 
 def train_case(loaded: LoadedCase, base_model, tokenizer, base: Base, backend: str, on_gpu: bool, in_4bit: bool,
                script: ScriptArguments, data_args: DataArguments, lora: LoraArguments, train: TrainArguments,
-               callbacks: Sequence, setup_s: float) -> Path:
-    """One case: setup -> fit -> validate -> save. `setup_s`, the shared loading this case waited for, counts in its
-    wall time (the first case's; later ones found the base loaded)."""
-    started = time.perf_counter() - setup_s
+               callbacks: Sequence, started: float) -> Path:
+    """One case: setup -> fit -> validate -> save. Its wall time counts from `started` (perf_counter)."""
     # setup
     dataset, data_source = build_dataset(loaded, data_args, train)
     hyper = hyperparameters(data_args, lora, train, backend, on_gpu, in_4bit)
