@@ -16,6 +16,7 @@ from app import status
 from conftest import INNOCENT_CASE, MINIMAL_CASE, ROOT, connect, text_of, write_scenarios
 from game import adapters as adapter_files
 from game.config import GameConfig
+from game.phrases import same_answer
 from game.room import UnknownCase, open_room
 from game.scenario import Case, load_cases
 from game.suspect import GenerationSettings, Suspect
@@ -147,8 +148,13 @@ def test_broken_adapters_leave_the_other_cases_as_they_would_be(served, base):
     plain = alone.answer(Case.model_validate(MINIMAL_CASE), [], question)
     assert alone.load_adapter(adapter_files.inspect(served.adapters, room.cases[TUNED["id"]], base))
     tuned = alone.answer(Case.model_validate(TUNED), [], question)
-    assert tuned != plain, "the test adapter should change the answer"
-    assert played == {TUNED["id"]: tuned, MINIMAL_CASE["id"]: plain, CORRUPT["id"]: plain}
+    assert not same_answer(tuned, plain), "the test adapter should change the answer"
+    # The same line, not the same bytes: llama.cpp's arithmetic depends on how many tokens one pass holds, and the
+    # room's prompt-only cases share a context whose cached prompt shortens the next case's first pass, so a near
+    # tie between two words can go either way (a corrupt adapter's garbage weights would change every word).
+    expected = {TUNED["id"]: tuned, MINIMAL_CASE["id"]: plain, CORRUPT["id"]: plain}
+    assert all(same_answer(played[case_id], answer) for case_id, answer in expected.items()), (played, expected)
+    assert CORRUPT["id"] not in room.suspect.adapters and TUNED["id"] in room.suspect.adapters
 
 
 # --- moves sent straight to the API ---
