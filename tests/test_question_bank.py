@@ -9,6 +9,7 @@ import pytest
 
 from conftest import MINIMAL_CASE, ROOT
 from game.bank import bank, intent_names
+from game.phrases import likeness
 from game.scenario import Case, advice, read_case
 from game.session import Exchange
 from game.suspect import not_again
@@ -29,6 +30,7 @@ GUARDED = {**MINIMAL_CASE, "topics": [
                  "Ask me about the greenhouse, not that."]},
 ], "reminders": ["I have told you that once, detective.", "Asked and answered, I believe."]}
 CASE = Case.model_validate(GUARDED)
+NEAR_COPY = 0.6  # difflib's word ratio: "Someone must have seen you. Who?" to "Somebody must have seen you. Who?" is 0.83
 
 
 def test_bank_has_every_intent_with_many_wordings_and_a_held_out_part():
@@ -37,6 +39,14 @@ def test_bank_has_every_intent_with_many_wordings_and_a_held_out_part():
         assert len(intent.train) >= 25, intent.name
         assert 3 <= len(intent.held_out) <= 8, intent.name
         assert not {q.casefold() for q in intent.held_out} & {q.casefold() for q in intent.train}, intent.name
+
+
+def test_no_trained_wording_is_a_near_copy_of_a_held_out_one():
+    # Off-script figures count only on questions never trained on: a held-out wording with a word or two changed in
+    # training would be one.
+    held_out = [q for i in bank().intents.values() for q in i.held_out]
+    near = [(q, h) for i in bank().intents.values() for q in i.train for h in held_out if likeness(q, h) >= NEAR_COPY]
+    assert near == []
 
 
 def test_every_bank_wording_belongs_to_one_intent():

@@ -219,6 +219,31 @@ def test_case_chats_are_reproducible_from_the_seed():
     assert case_chats(CASE, 20, seed=7).to_list() != case_chats(CASE, 20, seed=8).to_list()
 
 
+def test_mix_draws_its_share_of_chats_from_the_other_cases_each_under_its_own_prompt():
+    loaded = [load_case(ROOT / "scenarios", case_id) for case_id in ("bakeoff-salt", "lighthouse-logbook", "museum-glass-hare")]
+    _, data_args, _, train_args = parse([loaded[0].case.id, "--mix", "0.5", "--steps", "10", "--batch_size", "4",
+                                         "--grad_accum", "1"])
+    dataset, source = training.build_dataset(loaded[0], data_args, train_args, loaded)
+    prompts = [row["messages"][0]["content"] for row in dataset]
+    counts = {c.case.id: prompts.count(system_prompt(c.case)) for c in loaded}
+    assert counts == {"bakeoff-salt": 20, "lighthouse-logbook": 10, "museum-glass-hare": 10}
+    assert prompts[:20] != [system_prompt(loaded[0].case)] * 20, "the cases' chats should be shuffled together"
+    assert source["mix"] == 0.5 and set(source["others"]) == {"lighthouse-logbook", "museum-glass-hare"}
+    alone, plain = training.build_dataset(loaded[0], parse([loaded[0].case.id, "--steps", "10", "--batch_size", "4"])[1],
+                                          train_args, loaded)
+    assert {row["messages"][0]["content"] for row in alone} == {system_prompt(loaded[0].case)} and "mix" not in plain
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["a", "--mix", "0.95"], "--mix is a share of the chats, 0 to 0.9"),
+    (["a", "--mix", "0.5", "--data", "x.jsonl"], "--mix draws chats from the cases"),
+])
+def test_bad_mix_is_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse(argv)
+    assert message in capsys.readouterr().err
+
+
 def test_labels_cover_the_suspects_answers_and_nothing_else(base, tmp_path):
     """What SFTTrainer actually feeds the model: every label outside the answers (and their <|im_end|>) is -100."""
     from datasets import Dataset

@@ -103,10 +103,18 @@ class DataArguments:
     # A five-question chat of a bundled case is ~450-600 tokens; 768 never truncates one, yet bounds a stray long
     # external chat so it cannot blow up CPU time or memory.
     max_length: int = field(default=768, metadata={"help": "Longest tokenized chat; longer ones are truncated."})
+    # Other cases' chats, each under its own system prompt, teach what carries across cases: read the facts from the
+    # prompt, send a question to the topic that answers it. Measured in docs/training.md.
+    mix: float = field(default=0.0, metadata={"help": "Share of the chats drawn from the other cases in --scenarios "
+                                                      "(each with its own system prompt), 0 to 0.9."})
 
     def __post_init__(self):
         if not 1 <= self.min_turns <= self.max_turns:
             raise ValueError(f"need 1 <= --min_turns <= --max_turns, got {self.min_turns} and {self.max_turns}")
+        if not 0 <= self.mix <= 0.9:
+            raise ValueError(f"--mix is a share of the chats, 0 to 0.9, got {self.mix}")
+        if self.mix and self.data is not None:
+            raise ValueError("--mix draws chats from the cases; --data trains on a file's conversations instead")
 
 
 @dataclass

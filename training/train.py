@@ -29,13 +29,13 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 
 from game.adapters import META_FILE
 from game.bank import PATH as BANK
 from game.base import Base, file_sha256, resolve
 from game.prompt import chat
-from game.scenario import LoadedCase
+from game.scenario import LoadedCase, read_cases
 from training.config import DataArguments, LoraArguments, ScriptArguments, TrainArguments
 from training.data import case_chats, load_case, load_conversations
 
@@ -96,6 +96,7 @@ def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments,
     gets its LoRA on a fresh copy of it. `callbacks`: extra transformers TrainerCallbacks."""
     started = time.perf_counter()
     cases = [load_case(script.scenarios, case_id) for case_id in script.cases()]  # every bad case id before any work
+    others = list(read_cases([script.scenarios])[0].values()) if data_args.mix else []
     if data_args.data is not None and len(cases) > 1:
         raise TrainingError("--data trains one case on a file of its conversations; give a single CASE_ID")
     base = resolve(script.base)
@@ -110,7 +111,7 @@ def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments,
     since = started  # the first case's wall time includes the shared loading it waited for
     for loaded in cases:
         outputs.append(train_case(loaded, model, tokenizer, base, backend, on_gpu, in_4bit, script, data_args, lora,
-                                  train, callbacks, since))
+                                  train, callbacks, since, others))
         since = time.perf_counter()
     if len(cases) > 1:
         log.info("%d adapters in %.0f s", len(cases), time.perf_counter() - started)
@@ -119,10 +120,11 @@ def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments,
 
 def train_case(loaded: LoadedCase, base_model, tokenizer, base: Base, backend: str, on_gpu: bool, in_4bit: bool,
                script: ScriptArguments, data_args: DataArguments, lora: LoraArguments, train: TrainArguments,
-               callbacks: Sequence, started: float) -> Path:
-    """One case: setup -> fit -> validate -> save. Its wall time counts from `started` (perf_counter)."""
+               callbacks: Sequence, started: float, others: Sequence[LoadedCase] = ()) -> Path:
+    """One case: setup -> fit -> validate -> save. Its wall time counts from `started` (perf_counter); with --mix,
+    a share of its chats come from `others`."""
     # setup
-    dataset, data_source = build_dataset(loaded, data_args, train)
+    dataset, data_source = build_dataset(loaded, data_args, train, others)
     hyper = hyperparameters(data_args, lora, train, backend, on_gpu, in_4bit)
     output = script.output_for(loaded.case.id)
     work = output.with_name(output.name + ".work")
@@ -191,13 +193,23 @@ def train_case(loaded: LoadedCase, base_model, tokenizer, base: Base, backend: s
 # setup
 
 
-def build_dataset(loaded: LoadedCase, data_args: DataArguments, train: TrainArguments) -> tuple[Dataset, dict]:
+def build_dataset(loaded: LoadedCase, data_args: DataArguments, train: TrainArguments,
+                  others: Sequence[LoadedCase] = ()) -> tuple[Dataset, dict]:
+    """The case's chats, or a file's; with --mix, a share of them from `others` (the cases beside it)."""
     if data_args.data is not None:
         dataset = load_conversations(data_args.data, loaded.case)
         return dataset, {"source": "file", "file": data_args.data.name, "sha256": file_sha256(data_args.data)}
     n = data_args.chats or (train.steps * train.examples_per_step if train.steps else 256)
-    dataset = case_chats(loaded.case, n, train.seed, data_args.min_turns, data_args.max_turns)
-    return dataset, {"source": "case", "chats": n, "question_bank_sha256": file_sha256(BANK)}
+    source = {"source": "case", "chats": n, "question_bank_sha256": file_sha256(BANK)}
+    others = [other for other in others if other.case.id != loaded.case.id] if data_args.mix else []
+    borrowed = round(n * data_args.mix) if others else 0
+    parts = [case_chats(loaded.case, n - borrowed, train.seed, data_args.min_turns, data_args.max_turns)]
+    for i, other in enumerate(others):  # an even share each, the remainder to the first ones
+        share = borrowed // len(others) + (i < borrowed % len(others))
+        parts.append(case_chats(other.case, share, train.seed + 1 + i, data_args.min_turns, data_args.max_turns))
+    if borrowed:
+        source |= {"mix": data_args.mix, "others": {o.case.id: o.sha256 for o in others}}
+    return concatenate_datasets(parts).shuffle(seed=train.seed), source
 
 
 def hyperparameters(data_args: DataArguments, lora: LoraArguments, train: TrainArguments, backend: str, on_gpu: bool,
@@ -523,13 +535,22 @@ def plot_loss(losses: list[tuple[int, float]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def data_line(meta: dict) -> str:
+    data = meta["data"]
+    if data["source"] == "file":
+        return f"{meta['examples']} conversations from {data['file']}"
+    if "mix" in data:
+        return (f"{meta['examples']} chats, {1 - data['mix']:.0%} from the case's topics and the rest from "
+                f"{', '.join(data['others'])}")
+    return f"{meta['examples']} chats from the case's topics"
+
+
 def model_card(meta: dict, loaded: LoadedCase) -> str:
     case, h = loaded.case, meta["hyperparameters"]
     rows = [
         ("base", f"{meta['base_id']} (`{meta['base_fingerprint'][:30]}…`)"),
         ("case file", f"{meta['case_file']} (sha256 `{meta['case_sha256'][:16]}…`)"),
-        ("data", f"{meta['examples']} chats from the case's topics" if meta["data"]["source"] == "case"
-         else f"{meta['examples']} conversations from {meta['data']['file']}"),
+        ("data", data_line(meta)),
         ("LoRA", f"r={h['rank']}, alpha={h['alpha']}, dropout={h['dropout']}, on {', '.join(h['target_modules'])}"),
         ("schedule", f"{meta['steps']} steps, batch {h['batch_size']}x{h['grad_accum']}, lr {h['lr']} {h['scheduler']}, "
                      f"warmup {h['warmup_ratio']}, weight decay {h['weight_decay']}, {h['optim']}, seed {h['seed']}"),
