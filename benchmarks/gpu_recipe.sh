@@ -5,6 +5,11 @@
 #                                           the recipe before it; then every case in one command (--all)
 #   bash benchmarks/gpu_recipe.sh sweep     the bundled adapters evaluated on this GPU, then recipe_sweep.py over
 #                                           batch sizes, its adapters packed one tarball per variant
+#   bash benchmarks/gpu_recipe.sh variants NAME="OPTIONS" ...
+#                                           every case trained with each variant's options at once (one process
+#                                           each), adapters packed at most 4 cases a tarball (16 MiB a file comes
+#                                           back), then evaluated on this GPU (report + detective) until $EVAL_UNTIL
+#                                           seconds into the call
 # Everything lands in $OUT (at most 8 files come back from the device).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
@@ -50,5 +55,33 @@ elif [ "${1:-}" = sweep ]; then
   shift
   timeout "${SWEEP_S:-480}" python3 benchmarks/recipe_sweep.py --out "$OUT" --work /tmp/sweep --jobs 14 --variants "$@"
   for v in /tmp/sweep/adapters/*; do tar czf "$OUT/sweep_$(basename "$v").tgz" -C /tmp/sweep/adapters "$(basename "$v")"; done
+elif [ "${1:-}" = variants ]; then
+  shift
+  cases=$(for p in scenarios/*.json; do c=$(basename "$p" .json); [ "$c" = schema ] || echo "$c"; done)
+  for spec in "$@"; do
+    v=${spec%%=*}; opts=${spec#*=}
+    for c in $cases; do
+      # shellcheck disable=SC2086
+      python3 -m training "$c" $opts --adapters "/tmp/r/$v" > "/tmp/r/train-$v-$c.log" 2>&1 &
+    done
+  done
+  wait
+  for spec in "$@"; do
+    v=${spec%%=*}
+    (cd "/tmp/r/$v" && ls -d */ | sed 's#/##' | split -l 4 - "/tmp/r/pack-$v-")
+    for list in /tmp/r/pack-"$v"-*; do tar czf "$OUT/adapters-$v-${list##*-}.tgz" -C "/tmp/r/$v" $(cat "$list"); done
+  done
+  for spec in "$@"; do
+    v=${spec%%=*}
+    for c in $cases; do
+      [ -d "/tmp/r/$v/$c" ] || continue
+      (timeout $(( ${EVAL_UNTIL:-560} - SECONDS )) python3 -m training.eval "$c" --adapter "/tmp/r/$v/$c" \
+         --report "/tmp/r/eval-$v" > /dev/null 2>"/tmp/r/eval-$v-$c.log"
+       timeout $(( ${EVAL_UNTIL:-560} - SECONDS )) python3 -m training.eval "$c" --adapter "/tmp/r/$v/$c" \
+         --detective --report "/tmp/r/eval-$v" > /dev/null 2>>"/tmp/r/eval-$v-$c.log") &
+    done
+  done
+  wait
+  tar czf "$OUT/eval_and_logs.tgz" -C /tmp/r $(cd /tmp/r && ls -d eval-* train-*.log 2>/dev/null)
 fi
 ls -la "$OUT"
