@@ -171,10 +171,11 @@ class LlamaCppEngine:
 
     def __init__(self, gguf: Path, eos: set[int], config_path: str | None = None, n_ctx: int = 2048,
                  threads: int | None = None, threads_batch: int | None = None, draft_tokens: int | None = None,
-                 kv_cells: int = KV_CELLS, sequences: int = SEQUENCES, threads_together: int | None = None):
+                 kv_cells: int = KV_CELLS, sequences: int = SEQUENCES, threads_together: int | None = None,
+                 kv_cache_mb: int = KV_CACHE_MB):
         """config_path: the transformers folder of the same base (for the adapters' shapes); default: resolved.
         n_ctx: the longest conversation, in tokens; kv_cells and sequences: each case's KV, and how many sequences
-        it holds (its system prompt's and its conversations'). threads (passes of one token) and threads_batch (more)
+        it holds (its system prompt's and its conversations'); kv_cache_mb: conversations saved aside. threads (passes of one token) and threads_batch (more)
         while one player is answered: default $IR_THREADS, $IR_THREADS_BATCH, else every core; threads_together while
         several are: default $IR_THREADS_TOGETHER, else THREADS_TOGETHER. draft_tokens: the most guessed tokens checked
         in one pass (0: none); default $IR_DRAFT_TOKENS, else DRAFT_TOKENS."""
@@ -208,7 +209,7 @@ class LlamaCppEngine:
         self._finalizer.atexit = False  # at exit the process goes anyway, perhaps with the worker mid-pass
         self._config = None
         self._adapters: dict[str, object] = {}  # name -> llama_adapter_lora pointer
-        self._cache = PrefixCache(KV_CACHE_MB << 20)  # conversations moved out of their context for room
+        self._cache = PrefixCache(kv_cache_mb << 20)  # conversations moved out of their context for room
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._players: deque[Request] = deque()
@@ -318,18 +319,22 @@ class LlamaCppEngine:
         resident = max(idle, key=lambda s: common_prefix(s.tokens, prompt), default=None)
         kept = common_prefix(resident.tokens, prompt) if resident is not None else 0
         key, saved = self._cache.longest(c.adapter, prompt)
-        if kept > system and kept + RESTORE_GAIN >= saved:
+        # Only its own conversation goes on in an idle sequence: another one shares the system prompt and the
+        # chat template's few tokens after it, and taking its sequence would lose it instead of saving it aside.
+        if kept > system + RESTORE_GAIN and kept + RESTORE_GAIN >= saved:
             s, shared = resident, min(resident.shared, kept)
         else:
             s, restore = None, saved > max(kept, system) + RESTORE_GAIN
             shared = 0 if restore else system  # a saved state comes back whole, its system prompt included
+            # Held here: making room below saves conversations aside, which can push this one out of the cache.
+            entry = self._cache.get(key) if restore else None
         if not c.make_room(_promised(r, self.draft_tokens) - shared, keep=s, save=self._save):
             return False
         if s is not None:
             common = kept
         else:
             s = c.new_sequence()
-            if restore and self._restore(c, s, key):
+            if restore and self._restore(c, s, entry):
                 common = len(s.tokens)
             elif system:
                 lib.llama_memory_seq_cp(c.mem, 0, s.seq, 0, system)
@@ -352,8 +357,8 @@ class LlamaCppEngine:
         written = lib.llama_state_seq_get_data(c.ctx, data, size, s.seq)
         self._cache.put(c.adapter, s.tokens, (data, written, list(s.tokens)), written)
 
-    def _restore(self, c: _Context, s: _Sequence, key: tuple) -> bool:
-        data, size, tokens = self._cache.get(key)
+    def _restore(self, c: _Context, s: _Sequence, entry: tuple) -> bool:
+        data, size, tokens = entry
         if not self._lib.llama_state_seq_set_data(c.ctx, data, size, s.seq):
             self._lib.llama_memory_seq_rm(c.mem, s.seq, -1, -1)
             return False

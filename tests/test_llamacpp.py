@@ -144,6 +144,30 @@ def test_a_conversation_pushed_aside_comes_back_with_the_same_answer(cramped, ca
     assert restored == follow and cached_again > system
 
 
+@pytest.fixture
+def crammed(base, case_and_adapter):
+    """As cramped, and the conversations saved aside fit in 12 MB: one of them (~9 MB), not two."""
+    _, info = case_and_adapter
+    suspect = Suspect(base, device="cpu", engine="llama.cpp")
+    suspect._engine = LlamaCppEngine(suspect._engine.gguf, suspect._engine.eos, base.path, sequences=3, draft_tokens=0,
+                                     kv_cache_mb=12)
+    assert suspect.load_adapter(info)
+    return suspect
+
+
+def test_a_conversation_comes_back_even_when_making_room_for_it_pushes_it_out_of_the_cache(crammed, case_and_adapter):
+    case, _ = case_and_adapter
+    first, _ = greedy(crammed, case, QUESTIONS[0])
+    transcript = [Exchange(QUESTIONS[0], crammed.tokenizer.decode(first, skip_special_tokens=True))]
+    follow, _ = greedy(crammed, case, QUESTIONS[1], transcript=transcript)
+    greedy(crammed, case, QUESTIONS[2])
+    greedy(crammed, case, QUESTIONS[3])  # the first conversation is saved aside, alone in the cache
+    # Its sequence back needs another conversation saved aside, which takes the cache's room from it.
+    restored, cached = greedy(crammed, case, QUESTIONS[1], transcript=transcript)
+    system = crammed._prompt(case, chat(case, [], "?"))[1]
+    assert restored == follow and cached >= system + len(first), "the whole first exchange should come back"
+
+
 def first_cached(suspect, case, question) -> int:
     """A prompt asked again reuses all of it but the last token, whose logits are needed."""
     return len(suspect._prompt(case, chat(case, [], question))[0]) - 1
