@@ -7,6 +7,7 @@ tests that only read it. GPU-only tests are marked `gpu` and skipped without CUD
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -18,6 +19,7 @@ from transformers import TrainerCallback
 from conftest import MINIMAL_CASE, ROOT
 from game import adapters
 from game.prompt import system_prompt
+from game.base import file_sha256
 from game.scenario import Case
 from training import train as training
 from training.config import CPU_RECIPE, GPU_RECIPE, parse
@@ -335,6 +337,34 @@ def test_bad_data_stops_the_command_with_the_error_and_no_traceback(scenarios, t
     assert run.returncode == 1
     assert "error: " in run.stderr and "no assistant turn" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_init_starts_from_an_adapters_weights(trained, scenarios, tmp_path):
+    from safetensors.torch import load_file
+
+    start, _ = trained
+    out = tmp_path / "continued"
+    training.main(*args(scenarios, out, "--init", str(start), "--steps", "1", "--lr", "1e-12"))
+    before, after = load_file(start / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert any(w.abs().sum() > 0 for k, w in before.items() if "lora_B" in k), "a fresh LoRA's B is zero"
+    assert before.keys() == after.keys() and all((before[k].float() - after[k].float()).abs().max() < 1e-3
+                                                  for k in before)
+    meta = json.loads((out / "training_meta.json").read_text())
+    assert meta["hyperparameters"]["init"]["sha256"] == file_sha256(start / "adapter_model.safetensors")
+
+
+def test_init_must_be_an_adapter_of_the_same_base(trained, scenarios, tmp_path):
+    start, _ = trained
+    out = tmp_path / "out"
+    with pytest.raises(training.TrainingError, match="not an adapter folder"):
+        training.main(*args(scenarios, out, "--init", str(tmp_path)))
+    other = tmp_path / "other"
+    shutil.copytree(start, other)
+    meta = json.loads((other / "training_meta.json").read_text())
+    (other / "training_meta.json").write_text(json.dumps(meta | {"base_fingerprint": "gguf-sha256:0000"}))
+    with pytest.raises(training.TrainingError, match="trained on another base"):
+        training.main(*args(scenarios, out, "--init", str(other)))
+    assert not out.exists()
 
 
 def test_unknown_case_is_named_with_the_cases_that_exist(scenarios):

@@ -128,6 +128,11 @@ class LoraArguments:
     target_modules: list[str] = field(
         default_factory=lambda: list(ALL_PROJECTIONS), metadata={"help": "Modules that get a LoRA."}
     )
+    init: Path | None = field(
+        default=None,
+        metadata={"help": "Start from this adapter folder's weights (its rank, alpha and modules) instead of a fresh "
+                          "LoRA: the case's earlier adapter, or one trained on other cases (docs/training.md)."},
+    )
 
     @property
     def lora_alpha(self) -> int:

@@ -14,6 +14,7 @@ game/adapters.py reads (PEFT files + training_meta.json + README.md + loss.png),
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import importlib.util
 import json
@@ -106,6 +107,8 @@ def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments,
     in_4bit = train.load_in_4bit if train.load_in_4bit is not None else on_gpu and _parameter_count(base) >= LARGE_BASE_PARAMS
     if in_4bit and not on_gpu:
         raise TrainingError("--load_in_4bit needs a CUDA GPU (bitsandbytes); the CPU trains the base in fp32")
+    if lora.init is not None:
+        lora = from_init(lora, base)
     model, tokenizer = load_base(backend, base, train, data_args.max_length, in_4bit)
     outputs = []
     since = started  # the first case's wall time includes the shared loading it waited for
@@ -220,6 +223,8 @@ def hyperparameters(data_args: DataArguments, lora: LoraArguments, train: TrainA
         "alpha": lora.lora_alpha,
         "dropout": lora.dropout,
         "target_modules": list(lora.target_modules),
+        "init": None if lora.init is None else {"folder": str(lora.init),
+                                                "sha256": file_sha256(lora.init / "adapter_model.safetensors")},
         "steps": train.steps,
         "epochs": train.epochs,
         "lr": train.lr,
@@ -299,6 +304,24 @@ def load_base(backend: str, base: Base, train: TrainArguments, max_length: int, 
     return AutoModelForCausalLM.from_pretrained(base.path, **kwargs), AutoTokenizer.from_pretrained(base.path)
 
 
+def from_init(lora: LoraArguments, base: Base) -> LoraArguments:
+    """The LoRA settings of the adapter to start from, checked before the base loads: its folder, files and base."""
+    folder = lora.init
+    absent = [name for name in ("adapter_config.json", "adapter_model.safetensors") if not (folder / name).is_file()]
+    if absent:
+        raise TrainingError(f"--init {folder}: not an adapter folder (no {', '.join(absent)})")
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        rank, alpha, modules = int(config["r"]), int(config["lora_alpha"]), sorted(config["target_modules"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TrainingError(f"--init {folder}/adapter_config.json: not a LoRA config ({exc!r})") from exc
+    meta = folder / META_FILE
+    trained_on = json.loads(meta.read_text()).get("base_fingerprint") if meta.is_file() else None
+    if trained_on is not None and trained_on != base.fingerprint:
+        raise TrainingError(f"--init {folder} was trained on another base ({trained_on[:30]}…), not {base.id}")
+    return dataclasses.replace(lora, rank=rank, alpha=alpha, target_modules=modules)
+
+
 def add_lora(backend: str, base_model, lora: LoraArguments, train: TrainArguments, checkpointing):
     """(model, peft_config) for one case: Unsloth returns the LoRA model itself, plain HF leaves the wrapping to trl.
 
@@ -313,7 +336,7 @@ def add_lora(backend: str, base_model, lora: LoraArguments, train: TrainArgument
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 
-        return FastLanguageModel.get_peft_model(
+        model = FastLanguageModel.get_peft_model(
             model,
             r=lora.rank,
             lora_alpha=lora.lora_alpha,
@@ -323,11 +346,17 @@ def add_lora(backend: str, base_model, lora: LoraArguments, train: TrainArgument
             # Unsloth's offloaded checkpointing saves memory a large base needs and costs time a small one does not.
             use_gradient_checkpointing="unsloth" if checkpointing else False,
             random_state=train.seed,
-        ), None
+        )
+        if lora.init is not None:
+            from peft import set_peft_model_state_dict
+            from peft.utils import load_peft_weights
+
+            set_peft_model_state_dict(model, load_peft_weights(str(lora.init)))
+        return model, None
 
     from peft import LoraConfig
 
-    return model, LoraConfig(
+    config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.dropout,
@@ -335,6 +364,11 @@ def add_lora(backend: str, base_model, lora: LoraArguments, train: TrainArgument
         bias="none",
         task_type="CAUSAL_LM",
     )
+    if lora.init is None:
+        return model, config
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(lora.init), is_trainable=True), None
 
 
 def training_chat_template(tokenizer) -> str | None:
