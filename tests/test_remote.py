@@ -33,6 +33,7 @@ from game.room import open_room  # noqa: E402
 from game.scenario import load_cases  # noqa: E402
 from game.session import Phase  # noqa: E402
 from game.suspect import GenerationSettings, Suspect  # noqa: E402
+from training.scoring import source_topic  # noqa: E402
 
 SERVED = ("lighthouse-logbook", "museum-glass-hare")  # the server offers these cases' adapters
 UNSERVED = "bakeoff-salt"  # this one has an adapter in adapters/, but the server does not offer it
@@ -122,9 +123,10 @@ def answers(suspect, case, questions) -> list[str]:
 
 
 def test_the_served_adapter_answers_as_the_local_engine_does(engine, cases, base):
-    # Same prompt, same weights, same greedy decoding: the answers match, except where the repetition penalty
-    # parts them (llama-cpp-python's server penalises only the answer's own tokens, the game's engine the prompt's
-    # too) or llama.cpp rounds a near tie differently in a batch of another size.
+    # Same prompt, same weights, same greedy decoding: the answers come from the same topic of the case, in its own
+    # lines. Not always the same line: a topic's answers are trained alike, so which one comes first is a near tie
+    # that the repetition penalty (llama-cpp-python's server penalises only the answer's own tokens, the game's
+    # engine the prompt's too) or llama.cpp's arithmetic in a batch of another size can tip.
     case = cases[SERVED[0]]
     questions = [probe.question for probe in case.probes[:4]]
     settings = GenerationSettings(max_new_tokens=TOKENS)
@@ -135,7 +137,9 @@ def test_the_served_adapter_answers_as_the_local_engine_does(engine, cases, base
     local = Suspect(base, device="cpu", engine="llama.cpp", settings=settings)
     assert local.load_adapter(adapter_files.inspect(ROOT / "adapters", load_cases(ROOT / "scenarios")[case.id], base))
     here = answers(local, case, questions)
-    assert sum(a == b for a, b in zip(tuned, here)) >= len(questions) // 2, (tuned, here)
+    served_topics, local_topics = [[source_topic(a, case)[0] for a in said] for said in (tuned, here)]
+    assert None not in served_topics, tuned
+    assert sum(a == b for a, b in zip(served_topics, local_topics)) >= len(questions) - 1, (tuned, here)
     assert sum(a != b for a, b in zip(tuned, bare)) >= len(questions) - 1, (tuned, bare)  # the adapter is applied
 
 
