@@ -175,10 +175,11 @@ class LlamaCppEngine:
                  kv_cache_mb: int = KV_CACHE_MB):
         """config_path: the transformers folder of the same base (for the adapters' shapes); default: resolved.
         n_ctx: the longest conversation, in tokens; kv_cells and sequences: each case's KV, and how many sequences
-        it holds (its system prompt's and its conversations'); kv_cache_mb: conversations saved aside. threads (passes of one token) and threads_batch (more)
-        while one player is answered: default $IR_THREADS, $IR_THREADS_BATCH, else every core; threads_together while
-        several are: default $IR_THREADS_TOGETHER, else THREADS_TOGETHER. draft_tokens: the most guessed tokens checked
-        in one pass (0: none); default $IR_DRAFT_TOKENS, else DRAFT_TOKENS."""
+        it holds (its system prompt's and its conversations'); kv_cache_mb: conversations saved aside. threads
+        (passes of one token) and threads_batch (more) while one player is answered: default $IR_THREADS,
+        $IR_THREADS_BATCH, else every core; threads_together while several are: default $IR_THREADS_TOGETHER, else
+        THREADS_TOGETHER. draft_tokens: the most guessed tokens checked in one pass (0: none); default
+        $IR_DRAFT_TOKENS, else DRAFT_TOKENS."""
         import llama_cpp
 
         self._lib = lib = llama_cpp
@@ -324,17 +325,17 @@ class LlamaCppEngine:
         if kept > system + RESTORE_GAIN and kept + RESTORE_GAIN >= saved:
             s, shared = resident, min(resident.shared, kept)
         else:
-            s, restore = None, saved > max(kept, system) + RESTORE_GAIN
-            shared = 0 if restore else system  # a saved state comes back whole, its system prompt included
-            # Held here: making room below saves conversations aside, which can push this one out of the cache.
-            entry = self._cache.get(key) if restore else None
+            # Taken now, not at restoring: making room below saves conversations aside, which can push this one
+            # out of the cache.
+            s, entry = None, self._cache.get(key) if saved > max(kept, system) + RESTORE_GAIN else None
+            shared = 0 if entry else system  # a saved state comes back whole, its system prompt included
         if not c.make_room(_promised(r, self.draft_tokens) - shared, keep=s, save=self._save):
             return False
         if s is not None:
             common = kept
         else:
             s = c.new_sequence()
-            if restore and self._restore(c, s, entry):
+            if entry and self._restore(c, s, entry):
                 common = len(s.tokens)
             elif system:
                 lib.llama_memory_seq_cp(c.mem, 0, s.seq, 0, system)

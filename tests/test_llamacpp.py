@@ -118,14 +118,19 @@ def test_the_adapter_is_applied(suspects, case_and_adapter):
     assert tuned_agree > 2 * bare_agree + 4, (tuned_agree, bare_agree)
 
 
-@pytest.fixture(scope="module")
-def cramped(base, case_and_adapter):
-    """A llama.cpp suspect whose case holds two conversations at most: a third pushes the least recent aside."""
-    _, info = case_and_adapter
+def small_suspect(base, info, **engine_options):
+    """A llama.cpp suspect with the case's adapter whose case holds two conversations at most: a third pushes the least
+    recent aside."""
     suspect = Suspect(base, device="cpu", engine="llama.cpp")
-    suspect._engine = LlamaCppEngine(suspect._engine.gguf, suspect._engine.eos, base.path, sequences=3, draft_tokens=0)
+    suspect._engine = LlamaCppEngine(suspect._engine.gguf, suspect._engine.eos, base.path, sequences=3, draft_tokens=0,
+                                     **engine_options)
     assert suspect.load_adapter(info)
     return suspect
+
+
+@pytest.fixture(scope="module")
+def cramped(base, case_and_adapter):
+    return small_suspect(base, case_and_adapter[1])
 
 
 def test_a_conversation_pushed_aside_comes_back_with_the_same_answer(cramped, case_and_adapter):
@@ -147,12 +152,7 @@ def test_a_conversation_pushed_aside_comes_back_with_the_same_answer(cramped, ca
 @pytest.fixture
 def crammed(base, case_and_adapter):
     """As cramped, and the conversations saved aside fit in 12 MB: one of them (~9 MB), not two."""
-    _, info = case_and_adapter
-    suspect = Suspect(base, device="cpu", engine="llama.cpp")
-    suspect._engine = LlamaCppEngine(suspect._engine.gguf, suspect._engine.eos, base.path, sequences=3, draft_tokens=0,
-                                     kv_cache_mb=12)
-    assert suspect.load_adapter(info)
-    return suspect
+    return small_suspect(base, case_and_adapter[1], kv_cache_mb=12)
 
 
 def test_a_conversation_comes_back_even_when_making_room_for_it_pushes_it_out_of_the_cache(crammed, case_and_adapter):
