@@ -368,7 +368,8 @@ def add_lora(backend: str, base_model, lora: LoraArguments, train: TrainArgument
         return model, config
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(lora.init), is_trainable=True), None
+    # The same settings as a fresh LoRA's (from_init took rank, alpha and modules from the folder), its weights.
+    return PeftModel.from_pretrained(model, str(lora.init), config=config, is_trainable=True), None
 
 
 def training_chat_template(tokenizer) -> str | None:
