@@ -9,7 +9,8 @@ checks that no answer went to the wrong session, no request failed and every gam
 Serves `python app.py` in a child process on a free port, as `make play` does: the bundled cases and adapters,
 the game's own generation settings, and a fresh results database in a temporary folder. With --engine_url the
 app asks that model server for every answer (game/remote.py; start one with `python -m game serve-config`). Each player is one
-gradio_client Client (one browser session) in its own thread, and all start together. An answer's latency runs
+gradio_client Client (one browser session) in its own thread, and all start together once the server has computed
+every case's system prompt (its log says "suspect ready"; the wait is server_warm_s). An answer's latency runs
 from sending the question to its final text, so it includes the wait behind other players' answers; "first words"
 runs to the first text of the answer. The machine's load average is recorded before and after: on a shared
 machine the figures are only as good as that.
@@ -89,6 +90,15 @@ def serve(args: Arguments, folder: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
 
 
+def warm(server: subprocess.Popen, log: Path, timeout_s: float) -> float:
+    """When the server says every case's system prompt is computed (game.room): players who came sooner would share
+    the CPU with that start-up work, which is not what this measures."""
+    deadline = time.perf_counter() + timeout_s
+    while "suspect ready:" not in log.read_text() and server.poll() is None and time.perf_counter() < deadline:
+        time.sleep(0.2)
+    return time.perf_counter()
+
+
 def play(url: str, p: int, case_id: str, args: Arguments, start: threading.Barrier) -> dict:
     from gradio_client import Client
 
@@ -159,6 +169,7 @@ def main(args: Arguments) -> dict:
         started = time.perf_counter()
         server, url = serve(args, folder)
         ready_s = time.perf_counter() - started
+        warm_s = warm(server, folder / "server.log", args.client_timeout_s) - started
         try:
             start = threading.Barrier(args.players + 1)  # the players and this thread, which starts the clock
             with ThreadPoolExecutor(args.players) as pool:
@@ -189,6 +200,7 @@ def main(args: Arguments) -> dict:
                      "draft_tokens": os.environ.get("IR_DRAFT_TOKENS"), "engine_url": args.engine_url,
                      "transport": "gradio_client over HTTP on localhost"},
         "server_ready_s": round(ready_s, 2),
+        "server_warm_s": round(warm_s, 2),
         "wall_s": round(wall, 2),
         "answers": len(answers),
         "answers_per_s": round(len(answers) / wall, 3),

@@ -11,6 +11,7 @@ import logging
 import random
 import secrets
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -170,6 +171,7 @@ def _served(config: GameConfig, cases: dict[str, LoadedCase], settings):
         else:
             log.warning("%s: the model server offers no adapter named %s: playing prompt-only", case_id, case_id)
             notes[case_id] = "Prompt-only suspect: the model server offers no adapter for this case"
+    log.info("suspect ready: the model server at %s answers", config.engine_url)
     return suspect, notes
 
 
@@ -178,7 +180,7 @@ def _local(config: GameConfig, cases: dict[str, LoadedCase], settings):
 
     base = resolve(config.base)
     suspect = Suspect(base, device=config.device, settings=settings)
-    notes = {}
+    notes, warm_ups = {}, []
     for case_id, loaded in cases.items():
         info = adapter_files.inspect(config.adapters, loaded, base)
         if info.status is not adapter_files.Status.MISSING and info.status is not adapter_files.Status.READY:
@@ -190,8 +192,18 @@ def _local(config: GameConfig, cases: dict[str, LoadedCase], settings):
             notes[case_id] = f"Prompt-only suspect: the adapter adapters/{case_id} could not be loaded (see the server log)"
         else:
             notes[case_id] = "Prompt-only suspect: " + info.message.replace(str(info.path), f"adapters/{case_id}")
-        suspect.prepare(loaded.case)
+        warm_ups.append(suspect.prepare(loaded.case))
+    threading.Thread(target=_say_when_warm, args=(warm_ups, time.perf_counter()), name="warm-up", daemon=True).start()
     return suspect, notes
+
+
+def _say_when_warm(warm_ups: list, started: float) -> None:
+    """Log when every case's system prompt is computed: until then a first question shares the CPU with them
+    (~2 s a case on 2 cores). benchmarks/load.py waits for this line."""
+    for request in warm_ups:
+        while (item := request.tokens.get()) is not None and not isinstance(item, BaseException):
+            pass
+    log.info("suspect ready: %d cases' system prompts computed in %.1f s", len(warm_ups), time.perf_counter() - started)
 
 
 __all__ = ["Room", "open_room", "Briefing", "Verdict", "UnknownCase", "UnknownGame", "MoveRefused"]

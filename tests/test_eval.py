@@ -1,6 +1,8 @@
 import json
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -8,7 +10,7 @@ from conftest import MINIMAL_CASE, ROOT
 from game.scenario import Case
 from game.session import Exchange
 from training import scoring
-from training.eval import interrogations
+from training.eval import ask_all, interrogations
 from training.scoring import Asked, score, summarize
 
 GUILTY = Case.model_validate(MINIMAL_CASE)  # Ivo Brandt, head gardener; tell: "newspaper"
@@ -240,3 +242,29 @@ def test_cli_refuses_an_adapter_folder_that_is_not_one(tmp_path, write_case, bas
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert run.returncode != 0 and "no adapter in" in run.stderr and str(tmp_path / "nothing-here") in run.stderr
+
+
+class CountingSuspect:
+    """Answers at once, and counts how many answers were being given at the same time."""
+
+    def __init__(self):
+        self.lock, self.now, self.most = threading.Lock(), 0, 0
+
+    def answer(self, case, transcript, question):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(0.01)
+        with self.lock:
+            self.now -= 1
+        return f"About {question}"
+
+
+@pytest.mark.parametrize("one_at_a_time", [False, True])
+def test_interrogations_are_asked_together_or_one_after_another(one_at_a_time):
+    case = Case.model_validate({**MINIMAL_CASE, "probes": [
+        {"question": f"Question {i}?", "paraphrases": [f"Again {i}?"], "expect": [["x"]]} for i in range(8)]})
+    suspect = CountingSuspect()
+    asked = ask_all(suspect, case, None, retest=True, offscript=False, one_at_a_time=one_at_a_time)
+    assert len(asked) == 2 * 16 and all(a.answer == f"About {a.question}" for a in asked)
+    assert (suspect.most == 1) == one_at_a_time

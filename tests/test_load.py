@@ -3,6 +3,8 @@ that asked, no request fails, every game is recorded. (benchmarks/load.py is the
 full-length answers.)"""
 
 import html
+import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -68,3 +70,15 @@ def test_twenty_players_at_once_each_get_their_own_answers_and_result(served):
         record = room.store.case_record(case["id"])
         assert (record.played, record.solved) == (len(played), sum("You were right" in g.result for g in played))
 
+
+
+def test_the_server_says_when_every_case_s_system_prompt_is_computed(tmp_path, caplog):
+    scenarios = write_scenarios(tmp_path / "scenarios", [MINIMAL_CASE, INNOCENT_CASE])
+    with caplog.at_level(logging.INFO, logger="game.room"):
+        room = open_room(GameConfig(scenarios=scenarios, adapters=tmp_path / "adapters",
+                                    results=tmp_path / "results.db", max_new_tokens=TOKENS))
+        deadline = time.monotonic() + 120
+        while "suspect ready" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert "suspect ready: 2 cases' system prompts computed" in caplog.text
+    assert sorted(room.cases) == sorted([INNOCENT_CASE["id"], MINIMAL_CASE["id"]])

