@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The GPU recipe on the lent device, after the staging kit (../shared/gpu/README.md) has unpacked its wheels and base:
 #   bash benchmarks/gpu_recipe.sh timings   one case's `python -m training` alone, wall time of the whole command
-#                                           (imports and model load included): today's recipe with Unsloth and HF,
-#                                           the recipe before it; then every case in one command (--all)
+#                                           (imports and model load included): today's recipe with transformers +
+#                                           peft, then with Unsloth twice (its compiled-code cache cold, then warm)
+#   bash benchmarks/gpu_recipe.sh timings-all   every case in one command (--all), transformers + peft
+#   bash benchmarks/gpu_recipe.sh timings-before   the recipe before (200 x 8, Unsloth, checkpointing, adamw_8bit)
 #   bash benchmarks/gpu_recipe.sh sweep     the bundled adapters evaluated on this GPU, then recipe_sweep.py over
 #                                           batch sizes, its adapters packed one tarball per variant
 #   bash benchmarks/gpu_recipe.sh variants NAME="OPTIONS" ...
 #                                           every case trained with each variant's options at once (one process
 #                                           each), adapters packed at most 4 cases a tarball (16 MiB a file comes
 #                                           back), then evaluated on this GPU (report + detective) until $EVAL_UNTIL
-#                                           seconds into the call
+#                                           seconds into the call; runs still training at $TRAIN_UNTIL are
+#                                           stopped; PACK="NAME ..." brings back only those variants' adapters
 # Everything lands in $OUT (at most 8 files come back from the device).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
@@ -37,13 +40,18 @@ PY
 }
 
 if [ "${1:-}" = timings ]; then
+  timed now-hf $case_one --output /tmp/r/now-hf --backend hf
+  timed now-unsloth-cold $case_one --output /tmp/r/now-unsloth --backend unsloth
+  timed now-unsloth-warm $case_one --output /tmp/r/now-unsloth-warm --backend unsloth
+  tar czf "$OUT/timing_logs.tgz" -C /tmp/r $(cd /tmp/r && ls *.log)
+elif [ "${1:-}" = timings-all ]; then
+  timed all-hf --all --adapters /tmp/r/all --backend hf
+  tar czf "$OUT/timing_logs_all.tgz" -C /tmp/r $(cd /tmp/r && ls *.log)
+  (cd /tmp/r/all && ls -d */ | sed 's#/##' | split -l 4 - /tmp/r/pack-all-)
+  for list in /tmp/r/pack-all-*; do tar czf "$OUT/adapters-all-${list##*-}.tgz" -C /tmp/r/all $(cat "$list"); done
+elif [ "${1:-}" = timings-before ]; then
   timed before-unsloth $case_one --output /tmp/r/before --backend unsloth --steps 200 --batch_size 8 --lr 2e-3 \
     --gradient_checkpointing true --optim adamw_8bit
-  timed now-unsloth $case_one --output /tmp/r/now-unsloth --backend unsloth
-  timed now-hf $case_one --output /tmp/r/now-hf --backend hf
-  timed all-unsloth --all --adapters /tmp/r/all --backend unsloth
-  tar czf "$OUT/timing_logs.tgz" -C /tmp/r $(cd /tmp/r && ls *.log)
-  tar czf "$OUT/adapters_all.tgz" -C /tmp/r all
 elif [ "${1:-}" = sweep ]; then
   for p in scenarios/*.json; do
     c=$(basename "$p" .json); [ "$c" = schema ] && continue
@@ -62,13 +70,18 @@ elif [ "${1:-}" = variants ]; then
     v=${spec%%=*}; opts=${spec#*=}
     for c in $cases; do
       # shellcheck disable=SC2086
-      python3 -m training "$c" $opts --adapters "/tmp/r/$v" > "/tmp/r/train-$v-$c.log" 2>&1 &
+      # a run still training at $TRAIN_UNTIL seconds is stopped, so the others' adapters still come back;
+      # 14 runs at once fit an H200 (141 GiB): 28 ran out of GPU memory
+      timeout $(( ${TRAIN_UNTIL:-400} - SECONDS )) python3 -m training "$c" $opts --adapters "/tmp/r/$v" \
+        > "/tmp/r/train-$v-$c.log" 2>&1 &
     done
   done
   wait
   for spec in "$@"; do
     v=${spec%%=*}
-    (cd "/tmp/r/$v" && ls -d */ | sed 's#/##' | split -l 4 - "/tmp/r/pack-$v-")
+    # PACK names the variants whose adapters come back (default all): 8 files a call, two tarballs a variant
+    case " ${PACK:-$v} " in *" $v "*) ;; *) continue ;; esac
+    (cd "/tmp/r/$v" && ls -d */ | sed 's#/##' | grep -v '\.work$' | split -l 4 - "/tmp/r/pack-$v-")
     for list in /tmp/r/pack-"$v"-*; do tar czf "$OUT/adapters-$v-${list##*-}.tgz" -C "/tmp/r/$v" $(cat "$list"); done
   done
   for spec in "$@"; do
