@@ -20,6 +20,11 @@ source "$(dirname "$0")/gpu_env.sh"
 mkdir -p /tmp/r
 case_one=lighthouse-logbook
 
+pack() {  # name, folder: its adapter folders (not unfinished runs' .work ones) into $OUT, at most 4 a tarball
+  (cd "$2" && ls -d */ | sed 's#/##' | grep -v '\.work$' | split -l 4 - "/tmp/r/pack-$1-")
+  for list in /tmp/r/pack-"$1"-*; do tar czf "$OUT/adapters-$1-${list##*-}.tgz" -C "$2" $(cat "$list"); done
+}
+
 timed() {  # name, then python -m training's arguments: one JSON line with the wall time and the run's metadata
   local name=$1; shift
   local t0; t0=$(date +%s.%N)
@@ -48,8 +53,7 @@ if [ "${1:-}" = timings ]; then
 elif [ "${1:-}" = timings-all ]; then
   timed all-hf --all --adapters /tmp/r/all --backend hf
   tar czf "$OUT/timing_logs_all.tgz" -C /tmp/r $(cd /tmp/r && ls *.log)
-  (cd /tmp/r/all && ls -d */ | sed 's#/##' | split -l 4 - /tmp/r/pack-all-)
-  for list in /tmp/r/pack-all-*; do tar czf "$OUT/adapters-all-${list##*-}.tgz" -C /tmp/r/all $(cat "$list"); done
+  pack all /tmp/r/all
 elif [ "${1:-}" = timings-before ]; then
   timed before-unsloth $case_one --output /tmp/r/before --backend unsloth --steps 200 --batch_size 8 --lr 2e-3 \
     --gradient_checkpointing true --optim adamw_8bit
@@ -84,8 +88,7 @@ elif [ "${1:-}" = variants ]; then
     v=${spec%%=*}
     # PACK names the variants whose adapters come back (default all): 8 files a call, two tarballs a variant
     case " ${PACK:-$v} " in *" $v "*) ;; *) continue ;; esac
-    (cd "/tmp/r/$v" && ls -d */ | sed 's#/##' | grep -v '\.work$' | split -l 4 - "/tmp/r/pack-$v-")
-    for list in /tmp/r/pack-"$v"-*; do tar czf "$OUT/adapters-$v-${list##*-}.tgz" -C "/tmp/r/$v" $(cat "$list"); done
+    pack "$v" "/tmp/r/$v"
   done
   for spec in "$@"; do
     v=${spec%%=*}

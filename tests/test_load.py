@@ -71,7 +71,6 @@ def test_twenty_players_at_once_each_get_their_own_answers_and_result(served):
         assert (record.played, record.solved) == (len(played), sum("You were right" in g.result for g in played))
 
 
-
 def test_the_server_says_when_every_case_s_system_prompt_is_computed(tmp_path, caplog):
     scenarios = write_scenarios(tmp_path / "scenarios", [MINIMAL_CASE, INNOCENT_CASE])
     with caplog.at_level(logging.INFO, logger="game.room"):

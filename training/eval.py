@@ -79,10 +79,11 @@ class EvalArguments:
     )
     one_at_a_time: bool = field(
         default=False,
-        metadata={"help": "Ask the interrogations one after another instead of all at once: slower, but each answer "
-                          "is then what one player alone gets, the same from run to run (batched, a pass's arithmetic "
+        metadata={"help": "Ask the interrogations one after another instead of all at once: each answer is then "
+                          "what one player alone gets, the same from run to run (batched, a pass's arithmetic "
                           "depends on which other answers share it, and a near tie between two tokens can go either "
-                          "way). For comparing two engines or builds answer for answer."},
+                          "way). For comparing two engines or builds answer for answer. Slower on a GPU; on a 2-core "
+                          "CPU's llama.cpp engine faster (a lone player's passes use every core and guess ahead)."},
     )
     offscript: bool = field(
         default=True,
@@ -259,7 +260,7 @@ def ask_all(suspect, case: Case, limit: int | None, retest: bool, offscript: boo
         return transcript
 
     # Interrogations are independent, as players are: asked at once, the suspect's engine batches them (as it
-    # does for players), which on a CPU answers several in about the time of one.
+    # does for players), which on a GPU answers several in about the time of one.
     with ThreadPoolExecutor(max_workers=1 if one_at_a_time else len(jobs)) as pool:
         transcripts = list(pool.map(run, jobs))
     asked = []
