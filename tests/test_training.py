@@ -406,6 +406,8 @@ def test_which_cases_to_train_is_checked(argv, message, capsys):
 def test_steps_and_epochs_exclude_each_other():
     with pytest.raises(SystemExit):
         parse([CASE.id, "--steps", "5", "--epochs", "1"])
+    with pytest.raises(SystemExit):
+        parse([CASE.id, "--save_steps", "0"])
 
 
 def test_defaults_are_the_bundled_recipe_on_a_gpu_and_a_ten_minute_one_on_the_cpu():
@@ -416,15 +418,16 @@ def test_defaults_are_the_bundled_recipe_on_a_gpu_and_a_ten_minute_one_on_the_cp
     assert train.seed == 3407 and train.weight_decay == 0.01
     for on_gpu, recipe in ((True, GPU_RECIPE), (False, CPU_RECIPE)):
         chosen = train.resolved(on_gpu)
-        assert (chosen.steps, chosen.batch_size, chosen.grad_accum, chosen.lr) == (
-            recipe.steps, recipe.batch_size, recipe.grad_accum, recipe.lr)
+        assert (chosen.steps, chosen.batch_size, chosen.grad_accum, chosen.lr, chosen.save_steps) == (
+            recipe.steps, recipe.batch_size, recipe.grad_accum, recipe.lr, recipe.save_steps)
     assert GPU_RECIPE.steps * GPU_RECIPE.batch_size * GPU_RECIPE.grad_accum > CPU_RECIPE.steps * CPU_RECIPE.batch_size
 
 
 def test_what_the_trainer_sets_wins_over_the_recipe():
-    *_, train = parse([CASE.id, "--steps", "7", "--lr", "1e-4", "--batch_size", "3"])
+    *_, train = parse([CASE.id, "--steps", "7", "--lr", "1e-4", "--batch_size", "3", "--save_steps", "2"])
     chosen = train.resolved(on_gpu=True)
-    assert (chosen.steps, chosen.lr, chosen.batch_size, chosen.grad_accum) == (7, 1e-4, 3, GPU_RECIPE.grad_accum)
+    assert (chosen.steps, chosen.lr, chosen.batch_size, chosen.grad_accum, chosen.save_steps) == (
+        7, 1e-4, 3, GPU_RECIPE.grad_accum, 2)
     *_, by_epochs = parse([CASE.id, "--epochs", "2"])
     assert by_epochs.resolved(on_gpu=False).steps is None and by_epochs.resolved(on_gpu=False).epochs == 2
 

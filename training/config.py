@@ -23,17 +23,21 @@ class Recipe:
     batch_size: int
     grad_accum: int
     lr: float
+    save_steps: int
 
 
 # 400 steps of 8 five-question chats (3,200 chats). Measured on an H200 over the seven bundled cases with the question
 # bank's wordings in training (docs/training.md): against 200 steps it answers more off-script questions from the
 # right topic (0.36-0.72 -> 0.68-0.84) and states more facts; 50 steps of 32 (the same chats, 4x the tokens a second)
 # lost a quarter of the facts.
-GPU_RECIPE = Recipe(steps=400, batch_size=8, grad_accum=1, lr=2e-3)
+# A checkpoint every 100 steps: every 10 (the CPU's rate) took a fifth of a 100-step run's training time on an H200
+# (30.1 s against 24.0 s without, docs/training.md), and a GPU run loses little when it has to start again.
+GPU_RECIPE = Recipe(steps=400, batch_size=8, grad_accum=1, lr=2e-3, save_steps=100)
 # What 2 CPU cores train in 10 minutes (~10 s a step of 4 five-question chats on a quiet machine): 54 steps, an
 # eighth of the GPU recipe's chats, so a higher learning rate. 24 steps stopped after ~4 minutes and left quality
 # unused (docs/training.md). A quick suspect for trying out a new case; bundle the GPU recipe's.
-CPU_RECIPE = Recipe(steps=54, batch_size=2, grad_accum=2, lr=5e-3)
+# A checkpoint every 10 steps (~100 s of work; one takes well under a second to write).
+CPU_RECIPE = Recipe(steps=54, batch_size=2, grad_accum=2, lr=5e-3, save_steps=10)
 
 
 @dataclass
@@ -141,7 +145,7 @@ class LoraArguments:
 
 @dataclass
 class TrainArguments:
-    # Left unset, steps, lr, batch_size and grad_accum come from GPU_RECIPE or CPU_RECIPE (resolved()).
+    # Left unset, steps, lr, batch_size, grad_accum and save_steps come from GPU_RECIPE or CPU_RECIPE (resolved()).
     steps: int | None = field(default=None, metadata={"help": f"Optimizer steps (default {GPU_RECIPE.steps} on a GPU, "
                                                              f"{CPU_RECIPE.steps} on the CPU)."})
     epochs: float | None = field(default=None, metadata={"help": "Epochs over the data instead of --steps."})
@@ -173,21 +177,24 @@ class TrainArguments:
         metadata={"help": "Load the base in 4-bit (bitsandbytes, GPU only); default: when it has >= 2B parameters."},
     )
     logging_steps: int = field(default=5, metadata={"help": "Log (and plot) the loss every N steps."})
-    # A checkpoint of a rank-2 LoRA with its optimizer state is ~8 MB and takes well under a second to write.
-    save_steps: int = field(default=10, metadata={"help": "Checkpoint every N steps into <output>.work/ for --resume."})
+    save_steps: int | None = field(default=None, metadata={"help": f"Checkpoint every N steps into <output>.work/ for "
+                                                                  f"--resume (default {GPU_RECIPE.save_steps} on a "
+                                                                  f"GPU, {CPU_RECIPE.save_steps} on the CPU)."})
 
     def __post_init__(self):
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give --steps or --epochs, not both")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"--steps must be at least 1, got {self.steps}")
+        if self.save_steps is not None and self.save_steps < 1:
+            raise ValueError(f"--save_steps must be at least 1, got {self.save_steps}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"--epochs must be positive, got {self.epochs}")
 
     def resolved(self, on_gpu: bool) -> "TrainArguments":
         """These arguments with every unset recipe value taken from the GPU's or the CPU's recipe."""
         recipe = GPU_RECIPE if on_gpu else CPU_RECIPE
-        chosen = {name: getattr(recipe, name) for name in ("batch_size", "grad_accum", "lr")
+        chosen = {name: getattr(recipe, name) for name in ("batch_size", "grad_accum", "lr", "save_steps")
                   if getattr(self, name) is None}
         if self.steps is None and self.epochs is None:
             chosen["steps"] = recipe.steps
