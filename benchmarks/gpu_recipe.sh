@@ -5,6 +5,11 @@
 #                                           peft, then with Unsloth twice (its compiled-code cache cold, then warm)
 #   bash benchmarks/gpu_recipe.sh timings-all   every case in one command (--all), transformers + peft
 #   bash benchmarks/gpu_recipe.sh timings-before   the recipe before (200 x 8, Unsloth, checkpointing, adamw_8bit)
+#   bash benchmarks/gpu_recipe.sh prior     the adapter the bundled cases start from (--init): 600 x 16 over the six
+#                                           bundled cases' chats in equal shares, allotment-prize-marrow left unseen
+#                                           (its first shot is a new case's); into /tmp/r/prior and $OUT/prior.tgz
+#   bash benchmarks/gpu_recipe.sh timings-prior   from $PRIOR (default: the committed one), 50 x 32: one case
+#                                           alone, then every case in one command (--all), each command timed whole
 #   bash benchmarks/gpu_recipe.sh sweep     the bundled adapters evaluated on this GPU, then recipe_sweep.py over
 #                                           batch sizes, its adapters packed one tarball per variant
 #   bash benchmarks/gpu_recipe.sh variants NAME="OPTIONS" ...
@@ -19,6 +24,8 @@ set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 mkdir -p /tmp/r
 case_one=lighthouse-logbook
+six="bakeoff-salt freighter-container lighthouse-logbook museum-glass-hare ski-lodge-bracelet theatre-understudy"
+PRIOR=${PRIOR:-training/prior}
 
 pack() {  # name, folder: its adapter folders (not unfinished runs' .work ones) into $OUT, at most 4 a tarball
   (cd "$2" && ls -d */ | sed 's#/##' | grep -v '\.work$' | split -l 4 - "/tmp/r/pack-$1-")
@@ -57,6 +64,20 @@ elif [ "${1:-}" = timings-all ]; then
 elif [ "${1:-}" = timings-before ]; then
   timed before-unsloth $case_one --output /tmp/r/before --backend unsloth --steps 200 --batch_size 8 --lr 2e-3 \
     --gradient_checkpointing true --optim adamw_8bit
+elif [ "${1:-}" = prior ]; then
+  mkdir -p /tmp/six && for c in $six; do cp "scenarios/$c.json" /tmp/six/; done
+  # --mix 0.833: five sixths of the chats from the other five cases, so each of the six has a sixth
+  timed prior bakeoff-salt --scenarios /tmp/six --mix 0.833 --steps 600 --batch_size 16 --lr 3e-3 --backend hf \
+    --output /tmp/r/prior
+  tar czf "$OUT/prior.tgz" -C /tmp/r prior
+elif [ "${1:-}" = timings-prior ]; then
+  fast="--backend hf --init $PRIOR --steps 50 --batch_size 32 --lr 3e-3"
+  # shellcheck disable=SC2086
+  timed one-prior-50x32 $case_one --output /tmp/r/one-prior-50x32 $fast
+  # shellcheck disable=SC2086
+  timed all-prior-50x32 --all --adapters /tmp/r/prior-50x32 $fast
+  tar czf "$OUT/timing_logs_prior.tgz" -C /tmp/r $(cd /tmp/r && ls *.log)
+  pack prior-50x32 /tmp/r/prior-50x32
 elif [ "${1:-}" = sweep ]; then
   for p in scenarios/*.json; do
     c=$(basename "$p" .json); [ "$c" = schema ] && continue

@@ -22,7 +22,7 @@ from game.prompt import system_prompt
 from game.base import file_sha256
 from game.scenario import Case
 from training import train as training
-from training.config import CPU_RECIPE, GPU_RECIPE, parse
+from training.config import CPU_RECIPE, GPU_RECIPE, PRIOR, LoraArguments, parse
 from training.data import DataError, case_chats, load_case, load_conversations
 
 CASE = Case.model_validate(MINIMAL_CASE)
@@ -351,6 +351,23 @@ def test_init_starts_from_an_adapters_weights(trained, scenarios, tmp_path):
                                                   for k in before)
     meta = json.loads((out / "training_meta.json").read_text())
     assert meta["hyperparameters"]["init"]["sha256"] == file_sha256(start / "adapter_model.safetensors")
+
+
+@pytest.mark.skipif(training.cuda_available(), reason="the GPU recipe starts from a fresh LoRA")
+def test_a_cpu_run_on_the_embedded_base_starts_from_the_prior_unless_told_otherwise(trained, scenarios, tmp_path):
+    start, _ = trained  # built by the command line with the CPU's defaults
+    meta = json.loads((start / "training_meta.json").read_text())
+    assert meta["hyperparameters"]["init"]["sha256"] == file_sha256(PRIOR / "adapter_model.safetensors")
+    out = tmp_path / "fresh"
+    training.main(*args(scenarios, out, "--fresh", "--steps", "1"))
+    assert json.loads((out / "training_meta.json").read_text())["hyperparameters"]["init"] is None
+    with pytest.raises(SystemExit):
+        parse([CASE.id, "--fresh", "--init", str(PRIOR)])
+
+
+def test_the_prior_is_an_adapter_of_the_embedded_base(base):
+    lora = training.from_init(LoraArguments(init=PRIOR), base)
+    assert lora.rank == 4 and sorted(lora.target_modules) == sorted(LoraArguments().target_modules)
 
 
 def test_init_must_be_an_adapter_of_the_same_base(trained, scenarios, tmp_path):

@@ -13,6 +13,10 @@ from typing import Literal
 
 # The seed recipe's LoRA targets: every attention and MLP projection of a Llama block.
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# An adapter trained on the six bundled cases' chats in equal shares (9,600 chats on a GPU, for the embedded base;
+# how: benchmarks/gpu_recipe.sh prior). A short run that starts from it learns a new case's facts and the question
+# bank's intents from far fewer chats than a fresh LoRA does (docs/training.md).
+PRIOR = Path(__file__).resolve().parent / "prior"
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class Recipe:
     grad_accum: int
     lr: float
     save_steps: int
+    init: Path | None  # the adapter a run on the embedded base starts from; None: a fresh LoRA
 
 
 # 400 steps of 8 five-question chats (3,200 chats). Measured on an H200 over the seven bundled cases with the question
@@ -32,12 +37,17 @@ class Recipe:
 # lost a quarter of the facts.
 # A checkpoint every 100 steps: every 10 (the CPU's rate) took a fifth of a 100-step run's training time on an H200
 # (30.1 s against 24.0 s without, docs/training.md), and a GPU run loses little when it has to start again.
-GPU_RECIPE = Recipe(steps=400, batch_size=8, grad_accum=1, lr=2e-3, save_steps=100)
-# What 2 CPU cores train in 10 minutes (~10 s a step of 4 five-question chats on a quiet machine): 54 steps, an
-# eighth of the GPU recipe's chats, so a higher learning rate. 24 steps stopped after ~4 minutes and left quality
-# unused (docs/training.md). A quick suspect for trying out a new case; bundle the GPU recipe's.
-# A checkpoint every 10 steps (~100 s of work; one takes well under a second to write).
-CPU_RECIPE = Recipe(steps=54, batch_size=2, grad_accum=2, lr=5e-3, save_steps=10)
+# From scratch: on the H200 the prior lowered a new case's retest (0.93 -> 0.73) as much as it sped up its facts.
+GPU_RECIPE = Recipe(steps=400, batch_size=8, grad_accum=1, lr=2e-3, save_steps=100, init=None)
+# What 2 CPU cores train in 10 minutes: 108 steps of 2 five-question chats (~4.3 s a step on a quiet machine, 480 s in
+# all), from the prior. On the seventh case, never in the prior: facts 0.61 (54 steps of 4 from a fresh LoRA, the
+# recipe before) -> 0.72 (the same from the prior) -> 0.83 (this: twice the updates, each on half the chats), off
+# script 0.39 -> 0.75 (docs/training.md). A quick suspect for trying out a new case; bundle the GPU recipe's.
+CPU_RECIPE = Recipe(steps=108, batch_size=2, grad_accum=1, lr=3e-3, save_steps=20, init=PRIOR)
+
+
+def recipe(on_gpu: bool) -> Recipe:
+    return GPU_RECIPE if on_gpu else CPU_RECIPE
 
 
 @dataclass
@@ -135,8 +145,19 @@ class LoraArguments:
     init: Path | None = field(
         default=None,
         metadata={"help": "Start from this adapter folder's weights (its rank, alpha and modules) instead of a fresh "
-                          "LoRA: the case's earlier adapter, or one trained on other cases (docs/training.md)."},
+                          "LoRA: the case's earlier adapter, or one trained on other cases (docs/training.md). Default: "
+                          "on the CPU with the embedded base, training/prior; else a fresh LoRA."},
     )
+    fresh: bool = field(default=False, metadata={"help": "A fresh LoRA, also where the recipe would start from "
+                                                         "training/prior."})
+
+    def __post_init__(self):
+        if self.fresh and self.init is not None:
+            raise ValueError("--fresh starts from a fresh LoRA, --init from an adapter: give one of them")
+
+    def resolved(self, start: Path | None) -> "LoraArguments":
+        """These arguments starting from the recipe's adapter `start`, unless --init or --fresh said otherwise."""
+        return self if self.init is not None or self.fresh else dataclasses.replace(self, init=start)
 
     @property
     def lora_alpha(self) -> int:
@@ -193,11 +214,10 @@ class TrainArguments:
 
     def resolved(self, on_gpu: bool) -> "TrainArguments":
         """These arguments with every unset recipe value taken from the GPU's or the CPU's recipe."""
-        recipe = GPU_RECIPE if on_gpu else CPU_RECIPE
-        chosen = {name: getattr(recipe, name) for name in ("batch_size", "grad_accum", "lr", "save_steps")
+        chosen = {name: getattr(recipe(on_gpu), name) for name in ("batch_size", "grad_accum", "lr", "save_steps")
                   if getattr(self, name) is None}
         if self.steps is None and self.epochs is None:
-            chosen["steps"] = recipe.steps
+            chosen["steps"] = recipe(on_gpu).steps
         return dataclasses.replace(self, **chosen)
 
     def checkpointing(self, in_4bit: bool) -> bool:

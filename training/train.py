@@ -34,10 +34,10 @@ from datasets import Dataset, concatenate_datasets
 
 from game.adapters import META_FILE
 from game.bank import PATH as BANK
-from game.base import Base, file_sha256, resolve
+from game.base import EMBEDDED, Base, file_sha256, resolve
 from game.prompt import chat
 from game.scenario import LoadedCase, read_cases
-from training.config import DataArguments, LoraArguments, ScriptArguments, TrainArguments
+from training.config import DataArguments, LoraArguments, ScriptArguments, TrainArguments, recipe
 from training.data import case_chats, load_case, load_conversations
 
 log = logging.getLogger("training")
@@ -107,6 +107,8 @@ def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments,
     in_4bit = train.load_in_4bit if train.load_in_4bit is not None else on_gpu and _parameter_count(base) >= LARGE_BASE_PARAMS
     if in_4bit and not on_gpu:
         raise TrainingError("--load_in_4bit needs a CUDA GPU (bitsandbytes); the CPU trains the base in fp32")
+    if base.spec == EMBEDDED:  # the recipe's starting adapter was trained on it, and fits no other base
+        lora = lora.resolved(recipe(on_gpu).init)
     if lora.init is not None:
         lora = from_init(lora, base)
     model, tokenizer = load_base(backend, base, train, data_args.max_length, in_4bit)
