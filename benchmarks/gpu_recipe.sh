@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_recipe.sh timings-before   the recipe before (200 x 8, Unsloth, checkpointing, adamw_8bit)
 #   bash benchmarks/gpu_recipe.sh prior     the adapter the bundled cases start from (--init): 600 x 16 over the six
 #                                           bundled cases' chats in equal shares, allotment-prize-marrow left unseen
-#                                           (its first shot is a new case's); into /tmp/r/prior and $OUT/prior.tgz
+#                                           (its first shot is a new case's); into /tmp/r/prior and $OUT/prior.tgz.
+#                                           training/prior read the six files of commit c1874e0 (the question bank's)
 #   bash benchmarks/gpu_recipe.sh timings-prior   from $PRIOR (default: the committed one), 50 x 32: one case
 #                                           alone, then every case in one command (--all), each command timed whole
 #   bash benchmarks/gpu_recipe.sh sweep     the bundled adapters evaluated on this GPU, then recipe_sweep.py over

@@ -37,7 +37,8 @@ class Recipe:
 # lost a quarter of the facts.
 # A checkpoint every 100 steps: every 10 (the CPU's rate) took a fifth of a 100-step run's training time on an H200
 # (30.1 s against 24.0 s without, docs/training.md), and a GPU run loses little when it has to start again.
-# From scratch: on the H200 the prior lowered a new case's retest (0.93 -> 0.73) as much as it sped up its facts.
+# From scratch: started from the prior, a new case's retest fell (0.93 -> 0.73 at 400 x 8 on an H200) and its facts
+# did not rise.
 GPU_RECIPE = Recipe(steps=400, batch_size=8, grad_accum=1, lr=2e-3, save_steps=100, init=None)
 # What 2 CPU cores train in 10 minutes: 108 steps of 2 five-question chats (~4.3 s a step on a quiet machine, 480 s in
 # all), from the prior. On the seventh case, never in the prior: facts 0.61 (54 steps of 4 from a fresh LoRA, the
