@@ -358,9 +358,11 @@ def test_a_cpu_run_on_the_embedded_base_starts_from_the_prior_unless_told_otherw
     start, _ = trained  # built by the command line with the CPU's defaults
     meta = json.loads((start / "training_meta.json").read_text())
     assert meta["hyperparameters"]["init"]["sha256"] == file_sha256(PRIOR / "adapter_model.safetensors")
+    assert f"| started from | {PRIOR} " in (start / "README.md").read_text()
     out = tmp_path / "fresh"
     training.main(*args(scenarios, out, "--fresh", "--steps", "1"))
     assert json.loads((out / "training_meta.json").read_text())["hyperparameters"]["init"] is None
+    assert "| started from | a fresh LoRA |" in (out / "README.md").read_text()
     with pytest.raises(SystemExit):
         parse([CASE.id, "--fresh", "--init", str(PRIOR)])
 

@@ -589,6 +589,8 @@ def model_card(meta: dict, loaded: LoadedCase) -> str:
         ("case file", f"{meta['case_file']} (sha256 `{meta['case_sha256'][:16]}…`)"),
         ("data", data_line(meta)),
         ("LoRA", f"r={h['rank']}, alpha={h['alpha']}, dropout={h['dropout']}, on {', '.join(h['target_modules'])}"),
+        ("started from", "a fresh LoRA" if h["init"] is None else
+         f"{h['init']['folder']} (sha256 `{h['init']['sha256'][:16]}…`)"),
         ("schedule", f"{meta['steps']} steps, batch {h['batch_size']}x{h['grad_accum']}, lr {h['lr']} {h['scheduler']}, "
                      f"warmup {h['warmup_ratio']}, weight decay {h['weight_decay']}, {h['optim']}, seed {h['seed']}"),
         ("backend", f"{meta['backend']} on {meta['device']}, {h['precision']}"),
