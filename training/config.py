@@ -215,10 +215,11 @@ class TrainArguments:
 
     def resolved(self, on_gpu: bool) -> "TrainArguments":
         """These arguments with every unset recipe value taken from the GPU's or the CPU's recipe."""
-        chosen = {name: getattr(recipe(on_gpu), name) for name in ("batch_size", "grad_accum", "lr", "save_steps")
+        defaults = recipe(on_gpu)
+        chosen = {name: getattr(defaults, name) for name in ("batch_size", "grad_accum", "lr", "save_steps")
                   if getattr(self, name) is None}
         if self.steps is None and self.epochs is None:
-            chosen["steps"] = recipe(on_gpu).steps
+            chosen["steps"] = defaults.steps
         return dataclasses.replace(self, **chosen)
 
     def checkpointing(self, in_4bit: bool) -> bool:
