@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 
 from conftest import MINIMAL_CASE, ROOT
 from game import adapters
+from game.phrases import found
 from game.prompt import system_prompt
 from game.base import file_sha256
 from game.scenario import Case
@@ -236,9 +237,27 @@ def test_mix_draws_its_share_of_chats_from_the_other_cases_each_under_its_own_pr
     assert {row["messages"][0]["content"] for row in alone} == {system_prompt(loaded[0].case)} and "mix" not in plain
 
 
+def test_a_guilty_suspects_lines_that_let_a_tell_slip_are_drawn_tell_weight_times_as_often():
+    guilty = load_case(ROOT / "scenarios", "ski-lodge-bracelet").case
+    keywords = [k for tell in guilty.tells for k in tell.keywords]
+    topic = next(t for t, _ in guilty.dialogue() if 0 < sum(bool(found(a, keywords)) for a in t.answers) < len(t.answers))
+    slips = sum(bool(found(a, keywords)) for a in topic.answers)
+
+    def share(weight: float) -> float:  # of the topic's lines said first in a chat, those that let a tell slip
+        first = [row["messages"][2]["content"] for row in case_chats(guilty, 4000, seed=0, tell_weight=weight)]
+        said = [a for a in first if a in topic.answers]
+        return sum(bool(found(a, keywords)) for a in said) / len(said)
+
+    for weight in (1.0, 2.0):
+        assert share(weight) == pytest.approx(weight * slips / (weight * slips + len(topic.answers) - slips), abs=0.08)
+    innocent = load_case(ROOT / "scenarios", "bakeoff-salt").case
+    assert case_chats(innocent, 30, seed=0, tell_weight=3.0).to_list() == case_chats(innocent, 30, seed=0).to_list()
+
+
 @pytest.mark.parametrize("argv,message", [
     (["a", "--mix", "0.95"], "--mix is a share of the chats, 0 to 0.9"),
     (["a", "--mix", "0.5", "--data", "x.jsonl"], "--mix draws chats from the cases"),
+    (["a", "--tell_weight", "0"], "--tell_weight must be positive"),
 ])
 def test_bad_mix_is_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -494,6 +513,7 @@ early_imports(["--backend", "unsloth"])  # Unsloth before transformers, as `pyth
 from datasets import Dataset
 from game.base import resolve
 from game.scenario import Case
+from game.phrases import found
 from game.prompt import system_prompt
 from training import train
 from training.config import CPU_RECIPE, GPU_RECIPE, parse

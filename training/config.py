@@ -17,6 +17,11 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 # how: benchmarks/gpu_recipe.sh prior). A short run that starts from it learns a new case's facts and the question
 # bank's intents from far fewer chats than a fresh LoRA does (docs/training.md).
 PRIOR = Path(__file__).resolve().parent / "prior"
+# How many times as often a guilty suspect's answer that carries a tell is drawn as another of its topic's
+# (training/data.py). The game answers greedily, so a topic speaks its likeliest line: drawn at their share alone (one
+# tell-bearing line in five), the lines that let a tell slip lost that place as the question bank widened the topics,
+# and three guilty suspects stopped giving themselves away (tell_rate 1.00 -> 0.40-0.80, docs/training.md).
+TELL_WEIGHT = 2.0
 
 
 @dataclass(frozen=True)
@@ -122,12 +127,17 @@ class DataArguments:
     # prompt, send a question to the topic that answers it. Measured in docs/training.md.
     mix: float = field(default=0.0, metadata={"help": "Share of the chats drawn from the other cases in --scenarios "
                                                       "(each with its own system prompt), 0 to 0.9."})
+    tell_weight: float = field(default=TELL_WEIGHT, metadata={"help": "How many times as often a guilty suspect's "
+                                                                      "answer that carries a tell is drawn as another "
+                                                                      "answer of its topic (1: at its share)."})
 
     def __post_init__(self):
         if not 1 <= self.min_turns <= self.max_turns:
             raise ValueError(f"need 1 <= --min_turns <= --max_turns, got {self.min_turns} and {self.max_turns}")
         if not 0 <= self.mix <= 0.9:
             raise ValueError(f"--mix is a share of the chats, 0 to 0.9, got {self.mix}")
+        if self.tell_weight <= 0:
+            raise ValueError(f"--tell_weight must be positive, got {self.tell_weight}")
         if self.mix and self.data is not None:
             raise ValueError("--mix draws chats from the cases; --data trains on a file's conversations instead")
 

@@ -13,9 +13,11 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from game.phrases import found
 from game.prompt import chat, system_prompt
 from game.scenario import Case, LoadedCase, read_cases
 from game.session import Exchange
+from training.config import TELL_WEIGHT
 
 ROLES = ("system", "user", "assistant")
 
@@ -47,16 +49,25 @@ def unsaid(lines: list[str], said: set[str]) -> list[str]:
     return [line for line in lines if line not in said]
 
 
-def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int = 5) -> Dataset:
+def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int = 5,
+               tell_weight: float = TELL_WEIGHT) -> Dataset:
     """`n` interrogations sampled from the case's dialogue: min_turns..max_turns questions, each answered in character.
 
     A topic is asked in its own wordings or the question bank's wordings of its intents (Case.dialogue), and its
-    answers fit any of them, so a question and an answer are drawn independently. Within one chat a topic returns
-    now and then (REPEAT_TOPIC) and then gets an answer this chat has not had, or, once it has had them all, one of
-    the case's reminders ("I've told you already").
+    answers fit any of them, so a question and an answer are drawn independently; an answer that carries one of a
+    guilty case's tells is drawn `tell_weight` times as often as another. Within one chat a topic returns now and
+    then (REPEAT_TOPIC) and then gets an answer this chat has not had, or, once it has had them all, one of the
+    case's reminders ("I've told you already").
     """
     rng = random.Random(seed)
     dialogue = case.dialogue()
+    keywords = [k for tell in case.tells for k in tell.keywords] if case.guilty else []
+
+    def draw(lines: list[str]) -> str:
+        weights = [tell_weight if found(line, keywords) else 1.0 for line in lines]
+        # rng.choice where no line weighs more keeps an innocent case's chats what they were before tells had weight
+        return rng.choices(lines, weights)[0] if any(w != 1.0 for w in weights) else rng.choice(lines)
+
     rows = []
     for _ in range(n):
         turns = rng.randint(min_turns, max_turns)
@@ -75,7 +86,7 @@ def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int
             topic, questions = dialogue[i]
             own = topic.questions and (len(questions) == len(topic.questions) or rng.random() < OWN_WORDING)
             question = rng.choice(topic.questions if own else questions[len(topic.questions):])
-            answer = rng.choice(unsaid(topic.answers, said) or unsaid(case.repeat_lines, said))
+            answer = draw(unsaid(topic.answers, said) or unsaid(case.repeat_lines, said))
             said.add(answer)
             exchanges.append(Exchange(question, answer))
         *transcript, last = exchanges
