@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_recipe.sh prior     the adapter the bundled cases start from (--init): 600 x 16 over the six
 #                                           bundled cases' chats in equal shares, allotment-prize-marrow left unseen
 #                                           (its first shot is a new case's); into /tmp/r/prior and $OUT/prior.tgz.
-#                                           training/prior read the six files of commit c1874e0 (the question bank's)
+#                                           training/prior read the six files of commit c1874e0 at --tell_weight 1
 #   bash benchmarks/gpu_recipe.sh timings-prior   from $PRIOR (default: the committed one), 50 x 32: one case
 #                                           alone, then every case in one command (--all), each command timed whole
 #   bash benchmarks/gpu_recipe.sh sweep     the bundled adapters evaluated on this GPU, then recipe_sweep.py over
