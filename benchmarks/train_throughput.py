@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py --shape smollm2-135m --backend unsloth
     python benchmarks/train_throughput.py --shape llama-3.1-8b --backend hf --steps 20
+    python benchmarks/train_throughput.py --recipe before --backend unsloth   # the GPU recipe #15 started from
 
 One (shape, backend) per process: Unsloth patches transformers on import, so the two cannot share one.
 The 135M shape is the embedded base at the bundled recipe (training/config.py); the Llama shapes are random
@@ -38,10 +39,16 @@ class Args:
     shape: str = "smollm2-135m"
     backend: str = "unsloth"
     steps: int | None = None
+    recipe: str = "now"  # 135M only: "now" (training/config.py) or "before" (BEFORE)
     case: str = "lighthouse-logbook"
     base: str = "embedded"
     shapes_dir: Path = Path("/tmp/shapes")
     out: Path = ROOT / "benchmarks" / "results" / "train_throughput.jsonl"
+
+
+# The 135M GPU recipe measured in #15 (4,945 tokens/s on an H200): its batch and lr, with recomputed activations
+# and 8-bit AdamW, as it ran under Unsloth.
+BEFORE = dict(batch_size=8, grad_accum=1, lr=2e-3, gradient_checkpointing=True, optim="adamw_8bit")
 
 
 def random_base(shape: str, folder: Path, tokenizer_dir: str) -> Path:
@@ -75,8 +82,9 @@ def main(args: Args) -> dict:
     embedded = resolve(args.base)
     if args.shape == "smollm2-135m":
         base, data_args = embedded, DataArguments()
-        # the GPU recipe's batch and lr; no checkpoints: not what is measured
-        train = TrainArguments(steps=args.steps or 60, save_steps=10**6).resolved(on_gpu=True)
+        # the GPU recipe's batch and lr (or the one before); no checkpoints: not what is measured
+        recipe = {"now": {}, "before": BEFORE}[args.recipe]
+        train = TrainArguments(steps=args.steps or 60, save_steps=10**6, **recipe).resolved(on_gpu=True)
         in_4bit = False
     else:
         base = resolve(str(random_base(args.shape, args.shapes_dir / args.shape, embedded.path)))
@@ -100,9 +108,11 @@ def main(args: Args) -> dict:
     result = trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     figures = {
-        "shape": args.shape, "backend": args.backend, "gpu": torch.cuda.get_device_name(0),
+        "shape": args.shape, "recipe": args.recipe if args.shape == "smollm2-135m" else "seed", "backend": args.backend,
+        "gpu": torch.cuda.get_device_name(0),
         "steps": trainer.state.global_step, "batch": f"{train.batch_size}x{train.grad_accum}",
         "lora_rank": lora.rank, "load_in_4bit": in_4bit, "gradient_checkpointing": hyper["gradient_checkpointing"],
+        "optim": hyper["optim"],
         "load_s": round(load_s, 1), "train_s": round(meter.seconds, 1), "tokens": meter.tokens,
         "tokens_per_s": round(meter.tokens / meter.seconds, 1) if meter.seconds else None,
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
