@@ -259,7 +259,7 @@ def test_a_guilty_suspects_lines_that_let_a_tell_slip_are_drawn_tell_weight_time
     (["a", "--mix", "0.5", "--data", "x.jsonl"], "--mix draws chats from the cases"),
     (["a", "--tell_weight", "0"], "--tell_weight must be positive"),
 ])
-def test_bad_mix_is_refused(argv, message, capsys):
+def test_bad_data_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse(argv)
     assert message in capsys.readouterr().err
@@ -513,7 +513,6 @@ early_imports(["--backend", "unsloth"])  # Unsloth before transformers, as `pyth
 from datasets import Dataset
 from game.base import resolve
 from game.scenario import Case
-from game.phrases import found
 from game.prompt import system_prompt
 from training import train
 from training.config import CPU_RECIPE, GPU_RECIPE, parse
