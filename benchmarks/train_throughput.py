@@ -49,6 +49,7 @@ class Args:
 # The 135M GPU recipe measured in #15 (4,945 tokens/s on an H200): its batch and lr, with recomputed activations
 # and 8-bit AdamW, as it ran under Unsloth.
 BEFORE = dict(batch_size=8, grad_accum=1, lr=2e-3, gradient_checkpointing=True, optim="adamw_8bit")
+RECIPES = {"now": {}, "before": BEFORE}
 
 
 def random_base(shape: str, folder: Path, tokenizer_dir: str) -> Path:
@@ -70,6 +71,9 @@ def random_base(shape: str, folder: Path, tokenizer_dir: str) -> Path:
 
 
 def main(args: Args) -> dict:
+    if args.recipe not in RECIPES or (args.recipe != "now" and args.shape != "smollm2-135m"):
+        raise SystemExit(f"--recipe {args.recipe}: one of {', '.join(RECIPES)}, and only 'now' for the Llama shapes "
+                         "(they run the seed recipe)")
     if args.backend == "unsloth":
         import unsloth  # noqa: F401  (first: it patches transformers, trl and peft)
     import torch
@@ -83,8 +87,7 @@ def main(args: Args) -> dict:
     if args.shape == "smollm2-135m":
         base, data_args = embedded, DataArguments()
         # the GPU recipe's batch and lr (or the one before); no checkpoints: not what is measured
-        recipe = {"now": {}, "before": BEFORE}[args.recipe]
-        train = TrainArguments(steps=args.steps or 60, save_steps=10**6, **recipe).resolved(on_gpu=True)
+        train = TrainArguments(steps=args.steps or 60, save_steps=10**6, **RECIPES[args.recipe]).resolved(on_gpu=True)
         in_4bit = False
     else:
         base = resolve(str(random_base(args.shape, args.shapes_dir / args.shape, embedded.path)))

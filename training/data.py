@@ -62,9 +62,11 @@ def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int
     rng = random.Random(seed)
     dialogue = case.dialogue()
     keywords = [k for tell in case.tells for k in tell.keywords] if case.guilty else []
+    slips = {line for line in [*(a for topic, _ in dialogue for a in topic.answers), *case.repeat_lines]
+             if found(line, keywords)}
 
     def draw(lines: list[str]) -> str:
-        weights = [tell_weight if found(line, keywords) else 1.0 for line in lines]
+        weights = [tell_weight if line in slips else 1.0 for line in lines]
         # rng.choice where no line weighs more keeps an innocent case's chats what they were before tells had weight
         return rng.choices(lines, weights)[0] if any(w != 1.0 for w in weights) else rng.choice(lines)
 
