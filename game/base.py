@@ -94,6 +94,11 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Two processes started on a fresh cache convert the same file at once: the first one's folder is as good.
+        if not (out / "config.json").exists():
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
