@@ -43,5 +43,5 @@ def quirk_words(quirk: str) -> tuple[str, ...]:
 def slips(case: Case, transcript: Sequence[Exchange]) -> tuple[tuple[str, ...], ...]:
     """For each exchange, what its answer gave away: tell texts if the suspect is guilty, quirks if innocent."""
     if case.guilty:
-        return tuple(tuple(t.text for t in case.tells if found(e.answer, t.keywords)) for e in transcript)
+        return tuple(tuple(t.text for t in case.tells if t.shown_in(e.answer)) for e in transcript)
     return tuple(tuple(q for q in case.quirks if found(e.answer, quirk_words(q))) for e in transcript)

@@ -42,6 +42,10 @@ class Tell(Strict):
     text: Text = Field(description="What the tell is, in a sentence (for authors and the result screen).")
     keywords: list[Phrase] = Field(min_length=1, description="Words or phrases; an answer containing any shows it.")
 
+    def shown_in(self, text: str) -> list[str]:
+        """The keywords `text` says (game.phrases' rule): the one test of whether an answer lets this tell slip."""
+        return found(text, self.keywords)
+
 
 IntentName = Literal[intent_names()]
 
@@ -199,7 +203,7 @@ def advice(case: Case) -> list[tuple[str, str]]:
     if case.guilty:
         spoken = [a for t in case.topics for a in t.answers]
         for i, tell in enumerate(case.tells):
-            if not any(found(a, tell.keywords) for a in spoken):
+            if not any(tell.shown_in(a) for a in spoken):
                 out.append((f"tells.{i}", f"tell '{tell.text}' appears in no topic answer, so the suspect is never "
                                           "trained to let it slip: put one of its keywords in some answers"))
     return out

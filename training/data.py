@@ -13,7 +13,6 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from game.phrases import found
 from game.prompt import chat, system_prompt
 from game.scenario import Case, LoadedCase, read_cases
 from game.session import Exchange
@@ -61,9 +60,8 @@ def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int
     """
     rng = random.Random(seed)
     dialogue = case.dialogue()
-    keywords = [k for tell in case.tells for k in tell.keywords] if case.guilty else []
-    slips = {line for line in [*(a for topic, _ in dialogue for a in topic.answers), *case.repeat_lines]
-             if found(line, keywords)}
+    spoken = [*(a for topic, _ in dialogue for a in topic.answers), *case.repeat_lines]
+    slips = {line for line in spoken if case.guilty and any(tell.shown_in(line) for tell in case.tells)}
 
     def draw(lines: list[str]) -> str:
         weights = [tell_weight if line in slips else 1.0 for line in lines]
@@ -95,6 +93,13 @@ def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int
         messages = chat(case, transcript, last.question) + [{"role": "assistant", "content": last.answer}]
         rows.append({"messages": messages})
     return Dataset.from_list(rows)
+
+
+def mean_chat_tokens(chats: Dataset, tokenizer, sample: int = 64) -> float:
+    """The mean length in tokens of the first `sample` chats, as the tokenizer's chat template renders them."""
+    rows = chats.select(range(min(sample, len(chats))))
+    texts = [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in rows]
+    return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) / len(texts)
 
 
 def load_conversations(path: Path, case: Case) -> Dataset:

@@ -124,7 +124,7 @@ def admissions(answer: str, case: Case) -> list[str]:
 
 
 def tells_shown(answer: str, case: Case) -> list[str]:
-    return [k for tell in case.tells for k in tell.keywords if says(answer, k)]
+    return [k for tell in case.tells for k in tell.shown_in(answer)]
 
 
 def character_breaks(answer: str, case: Case, probe: Probe | None = None) -> list[str]:
