@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py --shape smollm2-135m --backend unsloth
     python benchmarks/train_throughput.py --shape llama-3.1-8b --backend hf --steps 20
     python benchmarks/train_throughput.py --recipe before --backend unsloth   # the GPU recipe #15 started from
+    python benchmarks/train_throughput.py --backend hf --sft '{"padding_free": true}' --profile /tmp/prof
 
 One (shape, backend) per process: Unsloth patches transformers on import, so the two cannot share one.
 The 135M shape is the embedded base at the bundled recipe (training/config.py); the Llama shapes are random
@@ -43,6 +44,8 @@ class Args:
     case: str = "lighthouse-logbook"
     base: str = "embedded"
     shapes_dir: Path = Path("/tmp/shapes")
+    sft: str = ""  # a JSON object of SFTConfig fields over the recipe's, e.g. '{"torch_compile": true}'
+    profile: str = ""  # a folder: torch.profiler's tables of steps 10-19 (where a step's time goes, host and GPU)
     out: Path = ROOT / "benchmarks" / "results" / "train_throughput.jsonl"
 
 
@@ -104,19 +107,27 @@ def main(args: Args) -> dict:
     model, tokenizer = load_base(args.backend, base, train, data_args.max_length, in_4bit)
     model, peft_config = add_lora(args.backend, model, lora, train, hyper["gradient_checkpointing"])
     load_s = time.perf_counter() - t0
-    trainer = make_trainer(model, tokenizer, peft_config, dataset, work, hyper, args.backend, True, data_args, train)
+    overrides = json.loads(args.sft) if args.sft else {}
+    t0 = time.perf_counter()
+    trainer = make_trainer(model, tokenizer, peft_config, dataset, work, hyper, args.backend, True, data_args, train,
+                           overrides)
+    init_s = time.perf_counter() - t0  # trl tokenizes the chats here
     meter = step_meter()
     trainer.add_callback(meter)
+    if args.profile:
+        label = "-".join(f"{k}={v}" for k, v in overrides.items()).replace("/", "_")
+        trainer.add_callback(profiler(Path(args.profile), "-".join(filter(None, (args.shape, args.backend, args.recipe, label)))))
     torch.cuda.reset_peak_memory_stats()
     result = trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     figures = {
         "shape": args.shape, "recipe": args.recipe if args.shape == "smollm2-135m" else "seed", "backend": args.backend,
         "gpu": torch.cuda.get_device_name(0),
-        "steps": trainer.state.global_step, "batch": f"{train.batch_size}x{train.grad_accum}",
+        "steps": trainer.state.global_step,
+        "batch": f"{trainer.args.per_device_train_batch_size}x{trainer.args.gradient_accumulation_steps}",
         "lora_rank": lora.rank, "load_in_4bit": in_4bit, "gradient_checkpointing": hyper["gradient_checkpointing"],
-        "optim": hyper["optim"],
-        "load_s": round(load_s, 1), "train_s": round(meter.seconds, 1), "tokens": meter.tokens,
+        "optim": hyper["optim"], "sft_overrides": overrides,
+        "load_s": round(load_s, 1), "trainer_init_s": round(init_s, 1), "train_s": round(meter.seconds, 1), "tokens": meter.tokens,
         "tokens_per_s": round(meter.tokens / meter.seconds, 1) if meter.seconds else None,
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "final_loss": round(losses[-1], 4) if losses else round(result.training_loss, 4),
@@ -127,6 +138,43 @@ def main(args: Args) -> dict:
     with open(args.out, "a") as f:
         f.write(json.dumps(figures) + "\n")
     return figures
+
+
+def profiler(folder: Path, name: str, first: int = 10, steps: int = 10):
+    """A callback recording steps first..first+steps-1 with torch.profiler: tables by host time and by GPU time, and
+    how much of those steps' wall time the GPU was busy (kernel time over wall)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    class Profiler(TrainerCallback):
+        prof = t0 = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == first:
+                torch.cuda.synchronize()
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is None or state.global_step != first + steps:
+                return
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            events = self.prof.key_averages()
+            gpu_s = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6
+            folder.mkdir(parents=True, exist_ok=True)
+            head = f"{name}: {steps} steps in {wall:.3f} s wall, GPU kernels {gpu_s:.3f} s ({gpu_s / wall:.0%} busy)\n"
+            (folder / f"profile-{name}.txt").write_text(
+                head + "\nby host time\n" + events.table(sort_by="self_cpu_time_total", row_limit=40)
+                + "\nby GPU time\n" + events.table(sort_by="self_device_time_total", row_limit=25))
+            print(head, end="")
+            self.prof = None
+
+    return Profiler()
 
 
 def _version(name: str) -> str | None:

@@ -95,13 +95,6 @@ def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int
     return Dataset.from_list(rows)
 
 
-def mean_chat_tokens(chats: Dataset, tokenizer, sample: int = 64) -> float:
-    """The mean length in tokens of the first `sample` chats, as the tokenizer's chat template renders them."""
-    rows = chats.select(range(min(sample, len(chats))))
-    texts = [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in rows]
-    return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) / len(texts)
-
-
 def load_conversations(path: Path, case: Case) -> Dataset:
     """Read a JSON list or JSONL file of `{"conversations": [{"role", "content"}, ...]}` records.
 

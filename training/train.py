@@ -239,7 +239,7 @@ def hyperparameters(data_args: DataArguments, lora: LoraArguments, train: TrainA
         "weight_decay": train.weight_decay,
         "optim": train.optim or default_optim(on_gpu, in_4bit),
         "seed": train.seed,
-        "precision": ("4bit+" if in_4bit else "") + (("bf16" if _bf16_ok() else "fp16") if on_gpu else "fp32"),
+        "precision": ("4bit+" if in_4bit else "") + precision(backend, on_gpu),
         "gradient_checkpointing": train.checkpointing(in_4bit) and ("unsloth" if backend == "unsloth" else True),
         "max_length": data_args.max_length,
         "min_turns": data_args.min_turns,
@@ -401,10 +401,11 @@ def training_chat_template(tokenizer) -> str | None:
 
 
 def make_trainer(model, tokenizer, peft_config, dataset: Dataset, work: Path, hyper: dict, backend: str, on_gpu: bool,
-                 data_args: DataArguments, train: TrainArguments):
+                 data_args: DataArguments, train: TrainArguments, sft_overrides: dict | None = None):
+    """trl's SFTTrainer at the recipe's settings; `sft_overrides` (SFTConfig fields) lets benchmarks try others."""
     from trl import SFTConfig, SFTTrainer
 
-    config = SFTConfig(
+    settings = dict(
         output_dir=str(work),
         max_steps=train.steps or -1,
         num_train_epochs=train.epochs or 1,
@@ -417,8 +418,8 @@ def make_trainer(model, tokenizer, peft_config, dataset: Dataset, work: Path, hy
         optim=hyper["optim"],
         seed=train.seed,
         # trl defaults both to True; the CPU has no bf16 and recomputing activations only costs time there.
-        bf16=on_gpu and _bf16_ok(),
-        fp16=on_gpu and not _bf16_ok(),
+        bf16=autocast(backend, on_gpu) == "bf16",
+        fp16=autocast(backend, on_gpu) == "fp16",
         gradient_checkpointing=hyper["gradient_checkpointing"] is True,
         max_length=data_args.max_length,
         # Loss on the suspect's answers only: trl masks what lies outside {% generation %} in the chat template.
@@ -435,6 +436,7 @@ def make_trainer(model, tokenizer, peft_config, dataset: Dataset, work: Path, hy
         dataloader_num_workers=0,
         dataloader_pin_memory=on_gpu,
     )
+    config = SFTConfig(**settings | (sft_overrides or {}))
     return SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
 
 
@@ -638,6 +640,26 @@ def _parameter_count(base: Base) -> int:
     h, layers = config.get("hidden_size", 0), config.get("num_hidden_layers", 0)
     inter, vocab = config.get("intermediate_size", 4 * h), config.get("vocab_size", 0)
     return layers * (4 * h * h + 3 * h * inter) + vocab * h
+
+
+def autocast(backend: str, on_gpu: bool) -> str | None:
+    """The mixed precision the trainer runs under, if any.
+
+    On a bf16 GPU transformers + peft train without autocast: the base is loaded in bf16 and peft keeps the LoRA
+    weights in fp32, so the base's matmuls run in bf16 as under autocast and the adapter's in fp32 (autocast's are
+    bf16), without the ~2,000 casts a step autocast adds between them: a step of 8 chats 1.5x as fast on an H200, the
+    same loss (docs/training.md). Unsloth's kernels expect autocast; an fp16 GPU needs its loss scaling.
+    """
+    if not on_gpu:
+        return None
+    return "fp16" if not _bf16_ok() else "bf16" if backend == "unsloth" else None
+
+
+def precision(backend: str, on_gpu: bool) -> str:
+    if not on_gpu:
+        return "fp32"
+    mixed = autocast(backend, on_gpu)
+    return f"{mixed} autocast" if mixed else "bf16 base, fp32 LoRA"
 
 
 def _bf16_ok() -> bool:
