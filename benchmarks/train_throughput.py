@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -45,7 +46,7 @@ class Args:
     base: str = "embedded"
     shapes_dir: Path = Path("/tmp/shapes")
     sft: str = ""  # a JSON object of SFTConfig fields over the recipe's, e.g. '{"torch_compile": true}'
-    profile: str = ""  # a folder: torch.profiler's tables of steps 10-19 (where a step's time goes, host and GPU)
+    profile: str = ""  # a folder: torch.profiler's tables of steps 11-20 (where a step's time goes, host and GPU)
     out: Path = ROOT / "benchmarks" / "results" / "train_throughput.jsonl"
 
 
@@ -115,8 +116,8 @@ def main(args: Args) -> dict:
     meter = step_meter()
     trainer.add_callback(meter)
     if args.profile:
-        label = "-".join(f"{k}={v}" for k, v in overrides.items()).replace("/", "_")
-        trainer.add_callback(profiler(Path(args.profile), "-".join(filter(None, (args.shape, args.backend, args.recipe, label)))))
+        run = "-".join([args.shape, args.backend, args.recipe, *(f"{k}_{v}" for k, v in overrides.items())])
+        trainer.add_callback(profiler(Path(args.profile), re.sub(r"[^A-Za-z0-9._-]+", "_", run)))
     torch.cuda.reset_peak_memory_stats()
     result = trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -127,7 +128,8 @@ def main(args: Args) -> dict:
         "batch": f"{trainer.args.per_device_train_batch_size}x{trainer.args.gradient_accumulation_steps}",
         "lora_rank": lora.rank, "load_in_4bit": in_4bit, "gradient_checkpointing": hyper["gradient_checkpointing"],
         "optim": hyper["optim"], "sft_overrides": overrides,
-        "load_s": round(load_s, 1), "trainer_init_s": round(init_s, 1), "train_s": round(meter.seconds, 1), "tokens": meter.tokens,
+        "load_s": round(load_s, 1), "trainer_init_s": round(init_s, 1), "train_s": round(meter.seconds, 1),
+        "tokens": meter.tokens,
         "tokens_per_s": round(meter.tokens / meter.seconds, 1) if meter.seconds else None,
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "final_loss": round(losses[-1], 4) if losses else round(result.training_loss, 4),
@@ -141,8 +143,8 @@ def main(args: Args) -> dict:
 
 
 def profiler(folder: Path, name: str, first: int = 10, steps: int = 10):
-    """A callback recording steps first..first+steps-1 with torch.profiler: tables by host time and by GPU time, and
-    how much of those steps' wall time the GPU was busy (kernel time over wall)."""
+    """A callback recording the `steps` steps after the first `first` with torch.profiler: tables by host time and by
+    GPU time, and how much of those steps' wall time the GPU was busy (kernel time over wall)."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
