@@ -475,7 +475,7 @@ def test_only_unsloth_and_fp16_gpus_train_under_autocast(monkeypatch):
     monkeypatch.setattr(training, "_bf16_ok", lambda: True)
     assert training.autocast("hf", on_gpu=True) is None  # bf16 base, fp32 LoRA: no casts between them
     assert training.precision("hf", on_gpu=True) == "bf16 base, fp32 LoRA"
-    assert training.autocast("unsloth", on_gpu=True) == "bf16"
+    assert training.autocast("unsloth", on_gpu=True) == training.autocast("hf", on_gpu=True, in_4bit=True) == "bf16"
     monkeypatch.setattr(training, "_bf16_ok", lambda: False)
     assert training.autocast("hf", on_gpu=True) == training.autocast("unsloth", on_gpu=True) == "fp16"
 

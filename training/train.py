@@ -239,7 +239,7 @@ def hyperparameters(data_args: DataArguments, lora: LoraArguments, train: TrainA
         "weight_decay": train.weight_decay,
         "optim": train.optim or default_optim(on_gpu, in_4bit),
         "seed": train.seed,
-        "precision": ("4bit+" if in_4bit else "") + precision(backend, on_gpu),
+        "precision": ("4bit+" if in_4bit else "") + precision(backend, on_gpu, in_4bit),
         "gradient_checkpointing": train.checkpointing(in_4bit) and ("unsloth" if backend == "unsloth" else True),
         "max_length": data_args.max_length,
         "min_turns": data_args.min_turns,
@@ -405,6 +405,7 @@ def make_trainer(model, tokenizer, peft_config, dataset: Dataset, work: Path, hy
     """trl's SFTTrainer at the recipe's settings; `sft_overrides` (SFTConfig fields) lets benchmarks try others."""
     from trl import SFTConfig, SFTTrainer
 
+    mixed = autocast(backend, on_gpu, getattr(model, "is_loaded_in_4bit", False))
     settings = dict(
         output_dir=str(work),
         max_steps=train.steps or -1,
@@ -418,8 +419,8 @@ def make_trainer(model, tokenizer, peft_config, dataset: Dataset, work: Path, hy
         optim=hyper["optim"],
         seed=train.seed,
         # trl defaults both to True; the CPU has no bf16 and recomputing activations only costs time there.
-        bf16=autocast(backend, on_gpu) == "bf16",
-        fp16=autocast(backend, on_gpu) == "fp16",
+        bf16=mixed == "bf16",
+        fp16=mixed == "fp16",
         gradient_checkpointing=hyper["gradient_checkpointing"] is True,
         max_length=data_args.max_length,
         # Loss on the suspect's answers only: trl masks what lies outside {% generation %} in the chat template.
@@ -642,23 +643,24 @@ def _parameter_count(base: Base) -> int:
     return layers * (4 * h * h + 3 * h * inter) + vocab * h
 
 
-def autocast(backend: str, on_gpu: bool) -> str | None:
+def autocast(backend: str, on_gpu: bool, in_4bit: bool = False) -> str | None:
     """The mixed precision the trainer runs under, if any.
 
-    On a bf16 GPU transformers + peft train without autocast: the base is loaded in bf16 and peft keeps the LoRA
-    weights in fp32, so the base's matmuls run in bf16 as under autocast and the adapter's in fp32 (autocast's are
-    bf16), without the ~2,000 casts a step autocast adds between them: a step of 8 chats 1.5x as fast on an H200, the
-    same loss (docs/training.md). Unsloth's kernels expect autocast; an fp16 GPU needs its loss scaling.
+    On a bf16 GPU transformers + peft train a bf16 base without autocast: peft keeps the LoRA weights in fp32, so the
+    base's matmuls run in bf16 as under autocast and the adapter's in fp32 (autocast's are bf16), without the ~2,000
+    casts a step autocast adds between them: a step of 8 chats 1.5x as fast on an H200, the same loss
+    (docs/training.md). Unsloth's kernels expect autocast; so does a 4-bit base, whose norms peft keeps in fp32 (only
+    the 135M bf16 base was measured without it); an fp16 GPU needs its loss scaling.
     """
     if not on_gpu:
         return None
-    return "fp16" if not _bf16_ok() else "bf16" if backend == "unsloth" else None
+    return "fp16" if not _bf16_ok() else "bf16" if backend == "unsloth" or in_4bit else None
 
 
-def precision(backend: str, on_gpu: bool) -> str:
+def precision(backend: str, on_gpu: bool, in_4bit: bool = False) -> str:
     if not on_gpu:
         return "fp32"
-    mixed = autocast(backend, on_gpu)
+    mixed = autocast(backend, on_gpu, in_4bit)
     return f"{mixed} autocast" if mixed else "bf16 base, fp32 LoRA"
 
 
