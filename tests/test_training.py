@@ -470,7 +470,7 @@ def test_what_the_trainer_sets_wins_over_the_recipe():
     assert by_epochs.resolved(on_gpu=False).steps is None and by_epochs.resolved(on_gpu=False).epochs == 2
 
 
-def test_only_unsloth_and_fp16_gpus_train_under_autocast(monkeypatch):
+def test_only_unsloth_4bit_bases_and_fp16_gpus_train_under_autocast(monkeypatch):
     assert training.autocast("hf", on_gpu=False) is None and training.precision("hf", on_gpu=False) == "fp32"
     monkeypatch.setattr(training, "_bf16_ok", lambda: True)
     assert training.autocast("hf", on_gpu=True) is None  # bf16 base, fp32 LoRA: no casts between them
