@@ -4,6 +4,7 @@
     python benchmarks/train_throughput.py --shape llama-3.1-8b --backend hf --steps 20
     python benchmarks/train_throughput.py --recipe before --backend unsloth   # the GPU recipe #15 started from
     python benchmarks/train_throughput.py --backend hf --sft '{"padding_free": true}' --profile /tmp/prof
+    python benchmarks/train_throughput.py --backend hf --eager      # without the recipe's CUDA-graph layers
 
 One (shape, backend) per process: Unsloth patches transformers on import, so the two cannot share one.
 The 135M shape is the embedded base at the bundled recipe (training/config.py); the Llama shapes are random
@@ -46,6 +47,7 @@ class Args:
     base: str = "embedded"
     shapes_dir: Path = Path("/tmp/shapes")
     sft: str = ""  # a JSON object of SFTConfig fields over the recipe's, e.g. '{"torch_compile": true}'
+    eager: bool = False  # the decoder layers run eagerly, not as the recipe's CUDA graphs (TrainArguments.compile)
     profile: str = ""  # a folder: torch.profiler's tables of steps 11-20 (where a step's time goes, host and GPU)
     out: Path = ROOT / "benchmarks" / "results" / "train_throughput.jsonl"
 
@@ -91,7 +93,8 @@ def main(args: Args) -> dict:
     if args.shape == "smollm2-135m":
         base, data_args = embedded, DataArguments()
         # the GPU recipe's batch and lr (or the one before); no checkpoints: not what is measured
-        train = TrainArguments(steps=args.steps or 60, save_steps=10**6, **RECIPES[args.recipe]).resolved(on_gpu=True)
+        train = TrainArguments(steps=args.steps or 60, save_steps=10**6, compile=False if args.eager else None,
+                               **RECIPES[args.recipe]).resolved(on_gpu=True)
         in_4bit = False
     else:
         base = resolve(str(random_base(args.shape, args.shapes_dir / args.shape, embedded.path)))
@@ -127,7 +130,7 @@ def main(args: Args) -> dict:
         "steps": trainer.state.global_step,
         "batch": f"{trainer.args.per_device_train_batch_size}x{trainer.args.gradient_accumulation_steps}",
         "lora_rank": lora.rank, "load_in_4bit": in_4bit, "gradient_checkpointing": hyper["gradient_checkpointing"],
-        "optim": hyper["optim"], "sft_overrides": overrides,
+        "optim": hyper["optim"], "sft_overrides": overrides, "compile": hyper["compile"],
         "load_s": round(load_s, 1), "trainer_init_s": round(init_s, 1), "train_s": round(meter.seconds, 1),
         "tokens": meter.tokens,
         "tokens_per_s": round(meter.tokens / meter.seconds, 1) if meter.seconds else None,

@@ -283,7 +283,8 @@ def test_labels_cover_the_suspects_answers_and_nothing_else(base, tmp_path):
     train_args = train_args.resolved(on_gpu=False)
     trainer = training.make_trainer(
         AutoModelForCausalLM.from_pretrained(base.path), tokenizer, LoraConfig(r=2, task_type="CAUSAL_LM"),
-        Dataset.from_list([{"messages": messages}]), tmp_path, {"optim": "adamw_torch", "gradient_checkpointing": False},
+        Dataset.from_list([{"messages": messages}]), tmp_path,
+        {"optim": "adamw_torch", "gradient_checkpointing": False, "compile": False},
         "hf", False, data_args, train_args,
     )
     batch = trainer.data_collator([trainer.train_dataset[0]])
@@ -410,27 +411,30 @@ def test_unknown_case_is_named_with_the_cases_that_exist(scenarios):
         load_case(scenarios, "nope")
 
 
-def test_several_cases_train_in_one_command_each_into_its_own_folder(tmp_path, base):
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_several_cases_train_in_one_command_each_into_its_own_folder(tmp_path, base, jobs):
     folder = tmp_path / "scenarios"
     other = {**MINIMAL_CASE, "id": "greenhouse-window", "guilty": False, "tells": [], "quirks": ["Hums."]}
     for data in (MINIMAL_CASE, other):
         (folder / f"{data['id']}.json").parent.mkdir(exist_ok=True)
         (folder / f"{data['id']}.json").write_text(json.dumps(data))
     run = subprocess.run([sys.executable, "-m", "training", "--all", "--scenarios", str(folder), "--adapters",
-                          str(tmp_path / "out"), *TINY], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                          str(tmp_path / "out"), "--jobs", jobs, *TINY], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     for data in (MINIMAL_CASE, other):
         meta = adapters.read_meta(tmp_path / "out" / data["id"])
         assert meta["case_id"] == data["id"] and meta["steps"] == 2
         loaded = load_case(folder, data["id"])
         assert adapters.inspect(tmp_path / "out", loaded, base).status is adapters.Status.READY
-    assert "2 adapters in" in run.stderr
+    assert "2 adapters in" in run.stderr and ("2 at once" in run.stderr) == (jobs == "2")
 
 
 @pytest.mark.parametrize("argv,message", [
     ([], "give the CASE_IDs to train, or --all"),
     (["a", "--all"], "give CASE_IDs or --all, not both"),
     (["a", "b", "--output", "x"], "--output names one case's adapter folder"),
+    (["a", "b", "--jobs", "0"], "--jobs is how many cases train at once"),
 ])
 def test_which_cases_to_train_is_checked(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -480,6 +484,22 @@ def test_only_unsloth_4bit_bases_and_fp16_gpus_train_under_autocast(monkeypatch)
     assert training.autocast("hf", on_gpu=True) == training.autocast("unsloth", on_gpu=True) == "fp16"
 
 
+def test_layers_are_compiled_by_default_only_for_plain_hf_on_a_gpu_with_a_full_precision_base():
+    _, _, _, train = parse([CASE.id])
+    assert train.compiled("hf", on_gpu=True, in_4bit=False)
+    assert not train.compiled("hf", on_gpu=False, in_4bit=False)
+    assert not train.compiled("unsloth", on_gpu=True, in_4bit=False)
+    assert not train.compiled("hf", on_gpu=True, in_4bit=True)  # bitsandbytes' layers and recomputed activations
+    assert not parse([CASE.id, "--compile", "false"])[3].compiled("hf", on_gpu=True, in_4bit=False)
+
+
+@pytest.mark.skipif(training.cuda_available(), reason="checks the refusal on a machine without a GPU")
+def test_compile_is_refused_without_a_gpu_before_anything_loads(scenarios, tmp_path):
+    with pytest.raises(training.TrainingError, match="--compile is for --backend hf on a CUDA GPU"):
+        training.main(*args(scenarios, tmp_path / "out", "--compile", "true"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
+
+
 def test_cpu_without_unsloth_trains_with_hf():
     assert training.choose_backend("auto") == "hf" or training.cuda_available()
 
@@ -510,6 +530,7 @@ def test_gpu_adapter_plays_in_the_cpu_game(scenarios, tmp_path, backend, base):
     assert run.returncode == 0, run.stderr[-3000:]
     meta = adapters.read_meta(output)
     assert meta["backend"] == backend and meta["peak_memory_kind"] == "cuda max allocated"
+    assert meta["hyperparameters"]["compile"] == (backend == "hf")  # CUDA-graph layers by default, not Unsloth's
     loaded = load_case(scenarios, CASE.id)
     suspect = Suspect(base, device="cpu")
     assert suspect.load_adapter(adapters.inspect(output.parent, loaded, base))
@@ -536,7 +557,8 @@ messages = [{"role": "system", "content": system_prompt(case)},
             {"role": "user", "content": "Where were you last night?"},
             {"role": "assistant", "content": "Home, after locking up at six."}]
 trainer = train.make_trainer(model, tokenizer, peft, Dataset.from_list([{"messages": messages}]), sys.argv[1],
-                             {"optim": "adamw_torch", "gradient_checkpointing": "unsloth"}, "unsloth", True,
+                             {"optim": "adamw_torch", "gradient_checkpointing": "unsloth", "compile": False},
+                             "unsloth", True,
                              data_args, train_args)
 batch = trainer.data_collator([trainer.train_dataset[0]])
 ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()

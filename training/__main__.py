@@ -1,5 +1,5 @@
 """`python -m training CASE_ID [--base B] [--output DIR] [--steps N | --epochs E] [--rank R] [--lr LR] [--seed S]
-[--backend auto|unsloth|hf] [--resume] [--data F]`: build a case's suspect adapter (see training/train.py)."""
+[--backend auto|unsloth|hf] [--jobs N] [--resume] [--data F]`: build a case's suspect adapter (see training/train.py)."""
 
 import logging
 import sys

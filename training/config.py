@@ -52,6 +52,10 @@ GPU_RECIPE = Recipe(steps=400, batch_size=8, grad_accum=1, lr=2e-3, save_steps=1
 CPU_RECIPE = Recipe(steps=108, batch_size=2, grad_accum=1, lr=3e-3, save_steps=20, init=PRIOR)
 
 
+# Cases a GPU trains at once by default: four steps of 32 chats fit in 80 GB (~20 GiB each at the peak).
+GPU_JOBS = 4
+
+
 def recipe(on_gpu: bool) -> Recipe:
     return GPU_RECIPE if on_gpu else CPU_RECIPE
 
@@ -61,7 +65,7 @@ class ScriptArguments:
     case_ids: list[str] = field(
         default_factory=list,
         metadata={"positional": True, "nargs": "*", "help": "The cases to train, e.g. bakeoff-salt lighthouse-logbook; "
-                                                            "several share one loaded base."},
+                                                            "several share a loaded base in each process (--jobs)."},
     )
     all: bool = field(default=False, metadata={"help": "Train every case in --scenarios, one after another."})
     scenarios: Path = field(default=Path("scenarios"), metadata={"help": "Folder (or one file) the case is read from."})
@@ -77,6 +81,11 @@ class ScriptArguments:
         default="auto",
         metadata={"help": "auto: Unsloth when a CUDA GPU and unsloth are present, else transformers+peft+trl."},
     )
+    # A GPU step of this small model waits on the host (kernel launches, autograd bookkeeping), not on the GPU (29%
+    # busy at 32 chats a step): cases trained side by side, a process each, fill it (docs/training.md).
+    jobs: int | None = field(default=None, metadata={"help": "Cases trained at once, each in its own process (default "
+                                                             f"{GPU_JOBS} on a GPU, 1 on the CPU, whose cores one "
+                                                             "training already fills)."})
     resume: bool = field(
         default=False,
         metadata={"help": "Continue from the last checkpoint in <output>.work/ (left there by an interrupted run)."},
@@ -86,6 +95,8 @@ class ScriptArguments:
         if self.all == bool(self.case_ids):
             raise ValueError("give the CASE_IDs to train, or --all" if not self.all else
                              "give CASE_IDs or --all, not both")
+        if self.jobs is not None and self.jobs < 1:
+            raise ValueError(f"--jobs is how many cases train at once, at least 1, got {self.jobs}")
         if self.output is not None and (self.all or len(self.case_ids) > 1):
             raise ValueError("--output names one case's adapter folder; for several cases use --adapters DIR")
 
@@ -95,6 +106,9 @@ class ScriptArguments:
         from game.scenario import read_cases
 
         return sorted(read_cases([self.scenarios])[0])
+
+    def workers(self, cases: int, on_gpu: bool) -> int:
+        return min(cases, self.jobs or (GPU_JOBS if on_gpu else 1))
 
     def output_for(self, case_id: str) -> Path:
         return self.output if self.output is not None else self.adapters / case_id
@@ -208,6 +222,14 @@ class TrainArguments:
         # 4-bit only pays where the weights dominate memory; a 135M base fits any GPU in bf16.
         metadata={"help": "Load the base in 4-bit (bitsandbytes, GPU only); default: when it has >= 2B parameters."},
     )
+    # A step of a small base waits on kernel launches, not on the GPU; CUDA graphs replay a layer's launches at once.
+    # The 30 layers share one compiled graph, so the compile (~10 s) is paid once: 12.4 steps of 8 chats a second
+    # against 5.5 eager on an H200, the same loss (docs/training.md). Not for a 4-bit base or recomputed activations.
+    compile: bool | None = field(
+        default=None,
+        metadata={"help": "Compile each decoder layer into CUDA graphs (torch.compile, reduce-overhead); default: on a "
+                          "CUDA GPU with --backend hf, a base not in 4-bit and no gradient checkpointing."},
+    )
     logging_steps: int = field(default=5, metadata={"help": "Log (and plot) the loss every N steps."})
     save_steps: int | None = field(default=None, metadata={"help": f"Checkpoint every N steps into <output>.work/ for "
                                                                   f"--resume (default {GPU_RECIPE.save_steps} on a "
@@ -234,6 +256,11 @@ class TrainArguments:
 
     def checkpointing(self, in_4bit: bool) -> bool:
         return self.gradient_checkpointing if self.gradient_checkpointing is not None else in_4bit
+
+    def compiled(self, backend: str, on_gpu: bool, in_4bit: bool) -> bool:
+        if self.compile is not None:
+            return self.compile
+        return on_gpu and backend == "hf" and not in_4bit and not self.checkpointing(in_4bit)
 
     @property
     def examples_per_step(self) -> int:
