@@ -468,7 +468,7 @@ def make_trainer(model, tokenizer, peft_config, dataset: Dataset, work: Path, hy
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=False,
-        # trl tokenizes ~500 chats a second in one process: the GPU recipe's 3,200 took 6 s of a one-minute run.
+        # trl tokenizes ~500 chats a second in one process: the GPU recipe's 3,200 took ~6 s of a 65-100 s command.
         dataset_num_proc=min(os.cpu_count() or 1, len(dataset) // CHATS_PER_TOKENIZER) or None,
         dataloader_num_workers=0,
         dataloader_pin_memory=on_gpu,
