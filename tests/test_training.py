@@ -23,7 +23,7 @@ from game.prompt import system_prompt
 from game.base import file_sha256
 from game.scenario import Case
 from training import train as training
-from training.config import CPU_RECIPE, GPU_RECIPE, PRIOR, LoraArguments, parse
+from training.config import CPU_RECIPE, GPU_RECIPE, PRIOR, LoraArguments, native_cpu_bf16, parse
 from training.data import DataError, case_chats, load_case, load_conversations
 
 CASE = Case.model_validate(MINIMAL_CASE)
@@ -102,6 +102,7 @@ def test_metadata_ties_the_adapter_to_its_base_and_case(trained, scenarios, base
     assert (h["rank"], h["alpha"], h["dropout"], h["seed"], h["batch_size"]) == (4, 4, 0.0, 3407, 2)
     assert (h["lr"], h["grad_accum"]) == (CPU_RECIPE.lr, CPU_RECIPE.grad_accum)  # the CPU's recipe where unset
     assert h["optim"] == "adamw_torch" and h["weight_decay"] == 0.01 and h["scheduler"] == "linear"
+    assert h["precision"] == ("bf16 base, fp32 LoRA" if native_cpu_bf16() else "fp32")
     assert meta["sample"]["question"] == CASE.probes[0].question and meta["sample"]["answer"]
 
 
@@ -472,6 +473,18 @@ def test_what_the_trainer_sets_wins_over_the_recipe():
         7, 1e-4, 3, GPU_RECIPE.grad_accum, 2)
     *_, by_epochs = parse([CASE.id, "--epochs", "2"])
     assert by_epochs.resolved(on_gpu=False).steps is None and by_epochs.resolved(on_gpu=False).epochs == 2
+
+
+def test_the_cpu_trains_a_bf16_base_only_where_it_does_bf16_natively(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": False})
+    assert parse([CASE.id])[3].resolved(on_gpu=False).cpu_bf16 is False
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True, "amx_bf16": False})
+    assert parse([CASE.id])[3].resolved(on_gpu=False).cpu_bf16 is True
+    assert parse([CASE.id, "--cpu_bf16", "false"])[3].resolved(on_gpu=False).cpu_bf16 is False
+    assert parse([CASE.id])[3].resolved(on_gpu=True).cpu_bf16 is None  # a GPU's base dtype is the GPU's own
+    assert training.precision("hf", on_gpu=False, cpu_bf16=True) == "bf16 base, fp32 LoRA"
 
 
 def test_only_unsloth_4bit_bases_and_fp16_gpus_train_under_autocast(monkeypatch):

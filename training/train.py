@@ -110,7 +110,7 @@ def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments,
     train = train.resolved(on_gpu)
     in_4bit = train.load_in_4bit if train.load_in_4bit is not None else on_gpu and _parameter_count(base) >= LARGE_BASE_PARAMS
     if in_4bit and not on_gpu:
-        raise TrainingError("--load_in_4bit needs a CUDA GPU (bitsandbytes); the CPU trains the base in fp32")
+        raise TrainingError("--load_in_4bit needs a CUDA GPU (bitsandbytes); the CPU trains the base unquantized")
     if train.compile and (backend != "hf" or not on_gpu):
         raise TrainingError("--compile is for --backend hf on a CUDA GPU (CUDA graphs; Unsloth compiles its own kernels)")
     if base.spec == EMBEDDED:  # the recipe's starting adapter was trained on it, and fits no other base
@@ -272,7 +272,7 @@ def hyperparameters(data_args: DataArguments, lora: LoraArguments, train: TrainA
         "weight_decay": train.weight_decay,
         "optim": train.optim or default_optim(on_gpu, in_4bit),
         "seed": train.seed,
-        "precision": ("4bit+" if in_4bit else "") + precision(backend, on_gpu, in_4bit),
+        "precision": ("4bit+" if in_4bit else "") + precision(backend, on_gpu, in_4bit, bool(train.cpu_bf16)),
         "gradient_checkpointing": train.checkpointing(in_4bit) and ("unsloth" if backend == "unsloth" else True),
         "compile": train.compiled(backend, on_gpu, in_4bit),
         "max_length": data_args.max_length,
@@ -332,7 +332,8 @@ def load_base(backend: str, base: Base, train: TrainArguments, max_length: int, 
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     on_gpu = torch.cuda.is_available()
-    kwargs = {"dtype": (torch.bfloat16 if _bf16_ok() else torch.float16) if on_gpu else torch.float32}
+    kwargs = {"dtype": (torch.bfloat16 if _bf16_ok() else torch.float16) if on_gpu else
+              torch.bfloat16 if train.cpu_bf16 else torch.float32}
     if in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -701,9 +702,9 @@ def autocast(backend: str, on_gpu: bool, in_4bit: bool = False) -> str | None:
     return "fp16" if not _bf16_ok() else "bf16" if backend == "unsloth" or in_4bit else None
 
 
-def precision(backend: str, on_gpu: bool, in_4bit: bool = False) -> str:
+def precision(backend: str, on_gpu: bool, in_4bit: bool = False, cpu_bf16: bool = False) -> str:
     if not on_gpu:
-        return "fp32"
+        return "bf16 base, fp32 LoRA" if cpu_bf16 else "fp32"
     mixed = autocast(backend, on_gpu, in_4bit)
     return f"{mixed} autocast" if mixed else "bf16 base, fp32 LoRA"
 
