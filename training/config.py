@@ -46,8 +46,8 @@ class Recipe:
 # did not rise.
 GPU_RECIPE = Recipe(steps=400, batch_size=8, grad_accum=1, lr=2e-3, save_steps=100, init=None)
 # What 2 CPU cores train in 10 minutes: 108 steps of 2 five-question chats (~4.3 s a step in fp32 on a quiet machine,
-# 480 s in all; a bf16 base where the CPU has it, ~1.3-1.65x faster), from the prior. On the seventh case, never in the prior: facts 0.61 (54 steps of 4 from a fresh LoRA, the
-# recipe before) -> 0.72 (the same from the prior) -> 0.83 (this: twice the updates, each on half the chats), off
+# 480 s in all; a bf16 base where the CPU has it, ~1.3-1.65x faster), from the prior. On the seventh case, never in
+# the prior: facts 0.61 (54 steps of 4 from a fresh LoRA, the recipe before) -> 0.72 (the same from the prior) -> 0.83 (this: twice the updates, each on half the chats), off
 # script 0.39 -> 0.75 (docs/training.md). A quick suspect for trying out a new case; bundle the GPU recipe's.
 CPU_RECIPE = Recipe(steps=108, batch_size=2, grad_accum=1, lr=3e-3, save_steps=20, init=PRIOR)
 
@@ -222,9 +222,6 @@ class TrainArguments:
         # 4-bit only pays where the weights dominate memory; a 135M base fits any GPU in bf16.
         metadata={"help": "Load the base in 4-bit (bitsandbytes, GPU only); default: when it has >= 2B parameters."},
     )
-    # A step of a small base waits on kernel launches, not on the GPU; CUDA graphs replay a layer's launches at once.
-    # The 30 layers share one compiled graph, so the compile (~10 s) is paid once: 12.4 steps of 8 chats a second
-    # against 5.5 eager on an H200, the same loss (docs/training.md). Not for a 4-bit base or recomputed activations.
     # Where the CPU does bf16 arithmetic natively (AVX512-BF16, AMX), a bf16 base with the LoRA kept in fp32 trains
     # 1.65x the tokens a second of fp32 on this VM's 2 cores, the same loss (docs/training.md); the GPU trains it so.
     cpu_bf16: bool | None = field(
@@ -232,6 +229,9 @@ class TrainArguments:
         metadata={"help": "On the CPU, load the base in bf16 (the LoRA stays fp32); default: where the CPU does bf16 "
                           "natively (AVX512-BF16 or AMX), else fp32."},
     )
+    # A step of a small base waits on kernel launches, not on the GPU; CUDA graphs replay a layer's launches at once.
+    # The 30 layers share one compiled graph, so the compile (~10 s) is paid once: 12.4 steps of 8 chats a second
+    # against 5.5 eager on an H200, the same loss (docs/training.md). Not for a 4-bit base or recomputed activations.
     compile: bool | None = field(
         default=None,
         metadata={"help": "Compile each decoder layer into CUDA graphs (torch.compile, reduce-overhead); default: on a "

@@ -104,9 +104,6 @@ def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments,
     base = resolve(script.base)
     backend = choose_backend(script.backend)
     on_gpu = cuda_available()
-    workers = script.workers(len(cases), on_gpu)
-    if workers > 1 and not callbacks:
-        return train_side_by_side(script, data_args, lora, train, workers, started)
     train = train.resolved(on_gpu)
     in_4bit = train.load_in_4bit if train.load_in_4bit is not None else on_gpu and _parameter_count(base) >= LARGE_BASE_PARAMS
     if in_4bit and not on_gpu:
@@ -117,6 +114,10 @@ def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments,
         lora = lora.resolved(recipe(on_gpu).init)
     if lora.init is not None:
         lora = from_init(lora, base)
+    workers = script.workers(len(cases), on_gpu)
+    if workers > 1 and not callbacks:  # every check above made once, before any process starts
+        return train_side_by_side(script, [loaded.case.id for loaded in cases], data_args, lora, train, workers,
+                                  started)
     model, tokenizer = load_base(backend, base, train, data_args.max_length, in_4bit)
     log.info("base loaded, %.1f s after the start", time.perf_counter() - started)
     outputs = []
@@ -130,14 +131,13 @@ def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments,
     return outputs
 
 
-def train_side_by_side(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments, train: TrainArguments,
-                       workers: int, started: float) -> list[Path]:
+def train_side_by_side(script: ScriptArguments, case_ids: list[str], data_args: DataArguments, lora: LoraArguments,
+                       train: TrainArguments, workers: int, started: float) -> list[Path]:
     """The cases dealt to `workers` spawned processes (CUDA does not survive a fork), each loading the base once and
     training its share one after another. A failed case fails the command once the others have finished."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    case_ids = script.cases()
     shares = [case_ids[i::workers] for i in range(workers)]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=worker_setup,
                              initargs=(script.backend,)) as pool:
@@ -453,7 +453,8 @@ def make_trainer(model, tokenizer, peft_config, dataset: Dataset, work: Path, hy
         weight_decay=train.weight_decay,
         optim=hyper["optim"],
         seed=train.seed,
-        # trl defaults both to True; the CPU has no bf16 and recomputing activations only costs time there.
+        # trl defaults both to True; autocast only where autocast() says, and recomputing activations only costs time
+        # on a small base.
         bf16=mixed == "bf16",
         fp16=mixed == "fp16",
         gradient_checkpointing=hyper["gradient_checkpointing"] is True,
