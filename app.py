@@ -217,10 +217,11 @@ def build_app(room: Room, answers_at_once: int = ANSWERS_AT_ONCE) -> gr.Blocks:
             locked = (thinking(room.persona(gid).name), gr.Textbox(value="", interactive=False),
                       *[gr.Button(interactive=False)] * 3)
             yield history, *locked
+            unchanged = [gr.skip()] * len(locked)  # while words arrive only the chat changes: nothing else to send
             try:
                 for partial in stream:
                     history[-1] = {"role": "assistant", "content": html.escape(partial, quote=False)}
-                    yield history, *locked
+                    yield history, *unchanged
             except EngineUnavailable as exc:
                 # The room has withdrawn the question: the chat goes back to before it, and the question back into
                 # the box, so that asking again is one click; the message says what happened, there and as a toast.

@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_recipe.sh timings   one case's `python -m training` alone, wall time of the whole command
 #                                           (imports and model load included): today's recipe with transformers +
 #                                           peft, then with Unsloth twice (its compiled-code cache cold, then warm)
-#   bash benchmarks/gpu_recipe.sh timings-all   every case in one command (--all), transformers + peft
+#   bash benchmarks/gpu_recipe.sh timings-all   every case in one command (--all, as many at once as the GPU holds),
+#                                           transformers + peft
 #   bash benchmarks/gpu_recipe.sh timings-before   the recipe before (200 x 8, Unsloth, checkpointing, adamw_8bit)
 #   bash benchmarks/gpu_recipe.sh prior     the adapter the bundled cases start from (--init): 600 x 16 over the six
 #                                           bundled cases' chats in equal shares, allotment-prize-marrow left unseen
@@ -11,8 +12,6 @@
 #                                           training/prior read the six files of commit c1874e0 at --tell_weight 1
 #   bash benchmarks/gpu_recipe.sh timings-prior   from $PRIOR (default: the committed one), 50 x 32: one case
 #                                           alone, then every case in one command (--all), each command timed whole
-#   bash benchmarks/gpu_recipe.sh timings-b16   200 x 16 (lr 3e-3, the same chats in half the steps; CUDA-graph
-#                                           layers): one case alone, then every case in one command (--all, 4 at once)
 #   bash benchmarks/gpu_recipe.sh sweep     the bundled adapters evaluated on this GPU, then recipe_sweep.py over
 #                                           batch sizes, its adapters packed one tarball per variant
 #   bash benchmarks/gpu_recipe.sh variants NAME="OPTIONS" ...
@@ -81,14 +80,6 @@ elif [ "${1:-}" = timings-prior ]; then
   timed all-prior-50x32 --all --adapters /tmp/r/prior-50x32 $fast
   tar czf "$OUT/timing_logs_prior.tgz" -C /tmp/r $(cd /tmp/r && ls *.log)
   pack prior-50x32 /tmp/r/prior-50x32
-elif [ "${1:-}" = timings-b16 ]; then
-  b16="--backend hf --steps 200 --batch_size 16 --lr 3e-3"
-  # shellcheck disable=SC2086
-  timed one-b16x200 $case_one --output /tmp/r/one-b16x200 --init "$PRIOR" --seed 11 $b16
-  # shellcheck disable=SC2086
-  timed all-b16x200 --all --adapters /tmp/r/b16x200 $b16
-  tar czf "$OUT/timing_logs_b16.tgz" -C /tmp/r $(cd /tmp/r && ls *.log)
-  pack b16x200 /tmp/r/b16x200
 elif [ "${1:-}" = sweep ]; then
   for p in scenarios/*.json; do
     c=$(basename "$p" .json); [ "$c" = schema ] && continue

@@ -23,6 +23,7 @@ import html
 import importlib.metadata
 import json
 import os
+import random
 import socket
 import sqlite3
 import subprocess
@@ -48,6 +49,9 @@ class Arguments:
     players: int = field(default=20, metadata={"help": "Players at once; each plays one game."})
     questions: int = field(default=5, metadata={"help": "Questions per game (the game allows five)."})
     max_new_tokens: int | None = field(default=None, metadata={"help": "Answer length cap; default: the game's."})
+    think_s: float = field(default=0.0, metadata={
+        "help": "Seconds a player takes between an answer and the next question (reading it, typing the next one), "
+                "each pause drawn from half to one and a half times it; 0: at once, every player always waiting."})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda for the server; default: the game's."})
     engine_url: str | None = field(default=None, metadata={
         "help": "An OpenAI-compatible model server that answers for the app (IR_ENGINE_URL; $IR_ENGINE_KEY is passed "
@@ -55,6 +59,9 @@ class Arguments:
     scenarios: Path = field(default=ROOT / "scenarios", metadata={"help": "Folder of case files."})
     adapters: Path = field(default=ROOT / "adapters", metadata={"help": "Folder of trained adapters."})
     client_timeout_s: float = field(default=600, metadata={"help": "How long a player waits for any one reply."})
+    client_nice: int = field(default=0, metadata={
+        "help": "Niceness of the players' clients (this process, once the server has started): they share the "
+                "server's CPU here, where real players' browsers run on their own devices."})
     label: str | None = field(default=None, metadata={"help": "Suffix of the result file."})
     out: Path = field(default=RESULTS, metadata={"help": "Folder for the JSON result."})
 
@@ -109,7 +116,10 @@ def play(url: str, p: int, case_id: str, args: Arguments, start: threading.Barri
         start.wait()
         client.predict(case_id, api_name="/new_game")
         history = []
+        pauses = random.Random(p)
         for q in range(args.questions):
+            if q:
+                time.sleep(args.think_s * pauses.uniform(0.5, 1.5))
             question = f"{QUESTIONS[q % len(QUESTIONS)]} (detective {p + 1}, question {q + 1})"  # no two alike
             sent = time.perf_counter()
             first_words = None
@@ -170,6 +180,7 @@ def main(args: Arguments) -> dict:
         server, url = serve(args, folder)
         ready_s = time.perf_counter() - started
         warm_s = warm(server, folder / "server.log", args.client_timeout_s) - started
+        os.nice(args.client_nice)
         try:
             start = threading.Barrier(args.players + 1)  # the players and this thread, which starts the clock
             with ThreadPoolExecutor(args.players) as pool:
@@ -197,7 +208,8 @@ def main(args: Arguments) -> dict:
         "settings": {"players": args.players, "questions_per_game": args.questions, "cases": cases,
                      "max_new_tokens": args.max_new_tokens or settings.max_new_tokens, "engine": engine,
                      "answers_at_once": ANSWERS_AT_ONCE, "threads": os.environ.get("IR_THREADS"),
-                     "draft_tokens": os.environ.get("IR_DRAFT_TOKENS"), "engine_url": args.engine_url,
+                     "draft_tokens": os.environ.get("IR_DRAFT_TOKENS"), "lanes": os.environ.get("IR_LANES"),
+                     "think_s": args.think_s, "client_nice": args.client_nice, "engine_url": args.engine_url,
                      "transport": "gradio_client over HTTP on localhost"},
         "server_ready_s": round(ready_s, 2),
         "server_warm_s": round(warm_s, 2),

@@ -5,6 +5,7 @@
     python benchmarks/train_throughput.py --recipe before --backend unsloth   # the GPU recipe #15 started from
     python benchmarks/train_throughput.py --backend hf --sft '{"padding_free": true}' --profile /tmp/prof
     python benchmarks/train_throughput.py --backend hf --eager      # without the recipe's CUDA-graph layers
+    python benchmarks/train_throughput.py --backend hf --step-metrics --batch-size 16 --lr 3e-3
 
 One (shape, backend) per process: Unsloth patches transformers on import, so the two cannot share one.
 The 135M shape is the embedded base at the bundled recipe (training/config.py); the Llama shapes are random
@@ -48,6 +49,9 @@ class Args:
     shapes_dir: Path = Path("/tmp/shapes")
     sft: str = ""  # a JSON object of SFTConfig fields over the recipe's, e.g. '{"torch_compile": true}'
     eager: bool = False  # the decoder layers run eagerly, not as the recipe's CUDA graphs (TrainArguments.compile)
+    batch_size: int = 0  # chats a step (0: the recipe's); the run trains steps x batch_size chats
+    lr: float = 0.0  # 0: the recipe's
+    step_metrics: bool = False  # trl's per-step entropy and token accuracy, as before (TrainArguments.step_metrics)
     profile: str = ""  # a folder: torch.profiler's tables of steps 11-20 (where a step's time goes, host and GPU)
     out: Path = ROOT / "benchmarks" / "results" / "train_throughput.jsonl"
 
@@ -93,8 +97,9 @@ def main(args: Args) -> dict:
     if args.shape == "smollm2-135m":
         base, data_args = embedded, DataArguments()
         # the GPU recipe's batch and lr (or the one before); no checkpoints: not what is measured
+        recipe = RECIPES[args.recipe] | {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v}
         train = TrainArguments(steps=args.steps or 60, save_steps=10**6, compile=False if args.eager else None,
-                               **RECIPES[args.recipe]).resolved(on_gpu=True)
+                               step_metrics=args.step_metrics, **recipe).resolved(on_gpu=True)
         in_4bit = False
     else:
         base = resolve(str(random_base(args.shape, args.shapes_dir / args.shape, embedded.path)))
@@ -116,7 +121,7 @@ def main(args: Args) -> dict:
     trainer = make_trainer(model, tokenizer, peft_config, dataset, work, hyper, args.backend, True, data_args, train,
                            overrides)
     init_s = time.perf_counter() - t0  # trl tokenizes the chats here
-    meter = step_meter()
+    meter = step_meter(trainer)
     trainer.add_callback(meter)
     if args.profile:
         run = "-".join([args.shape, args.backend, args.recipe, *(f"{k}_{v}" for k, v in overrides.items())])
@@ -130,10 +135,12 @@ def main(args: Args) -> dict:
         "steps": trainer.state.global_step,
         "batch": f"{trainer.args.per_device_train_batch_size}x{trainer.args.gradient_accumulation_steps}",
         "lora_rank": lora.rank, "load_in_4bit": in_4bit, "gradient_checkpointing": hyper["gradient_checkpointing"],
-        "optim": hyper["optim"], "sft_overrides": overrides, "compile": hyper["compile"],
+        "optim": hyper["optim"], "sft_overrides": overrides, "compile": hyper["compile"], "lr": train.lr,
+        "step_metrics": train.step_metrics,
         "load_s": round(load_s, 1), "trainer_init_s": round(init_s, 1), "train_s": round(meter.seconds, 1),
         "tokens": meter.tokens,
         "tokens_per_s": round(meter.tokens / meter.seconds, 1) if meter.seconds else None,
+        "steps_per_s": round(trainer.state.global_step / meter.seconds, 2) if meter.seconds else None,
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "final_loss": round(losses[-1], 4) if losses else round(result.training_loss, 4),
         "versions": {name: _version(name) for name in ("torch", "transformers", "trl", "peft", "unsloth", "bitsandbytes")},
@@ -191,5 +198,9 @@ def _version(name: str) -> str | None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for key, value in asdict(Args()).items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value) if value is not None else int, default=value)
+        if isinstance(value, bool):
+            parser.add_argument(f"--{key.replace('_', '-')}", action="store_true")
+        else:
+            parser.add_argument(f"--{key.replace('_', '-')}", type=type(value) if value is not None else int,
+                                default=value)
     main(Args(**vars(parser.parse_args())))

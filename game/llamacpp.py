@@ -1,8 +1,8 @@
 """The CPU engine: the base's own GGUF run by llama.cpp, each case's adapter converted once to a GGUF LoRA.
 
-llama.cpp's Q4_1 kernels read the base as it is stored (the transformers path runs a dequantized fp32 copy of the
-same weights), which on a 2-core CPU is ~5x the tokens/s of the torch engine. The adapter is applied beside the base,
-unmerged, so the base's weights stay exactly the GGUF's. Decoding is the game's own: greedy with transformers'
+llama.cpp reads the base as it is stored (Q4_1), or where the CPU does bf16 natively in BF16 (made once from the
+GGUF: the values the adapters were trained against, and twice as fast for a pass of many tokens); on a 2-core CPU
+that is ~5x the tokens/s of the torch engine. The adapter is applied beside the base, unmerged. Decoding is the game's own: greedy with transformers'
 repetition penalty over every token seen, so answers match the torch path's up to llama.cpp's arithmetic. Where the
 case's own material guesses how an answer goes on (game.drafts), the guess is checked in the same pass as the token
 before it (speculative decoding): every token is still the model's choice, ~1.5x as many a second.
@@ -10,7 +10,8 @@ before it (speculative decoding): every token is still the model's choice, ~1.5x
 Many players at once: every conversation is a llama.cpp sequence, and all the sequences of one case go through one
 `llama_decode` a step (a new question's prompt beside the others' next tokens). llama.cpp applies LoRA adapters to a
 whole context, not per sequence, so each case has its own context over the one model, its adapter set once: a step
-decodes each case's batch in turn (docs/speed.md#many-players-at-once says why not one context switching adapters).
+decodes each case's batch, the cases side by side on the cores (docs/speed.md#many-players-at-once says why not one
+context switching adapters).
 A case's system prompt is computed once into its sequence 0, which new conversations share (`llama_memory_seq_cp`);
 a conversation's KV stays in its sequence for its next question, and is saved aside when room is short.
 """
@@ -29,13 +30,14 @@ import threading
 import time
 import weakref
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from game.base import EMBEDDED, Base, cache_dir, embedded_gguf
+from game.base import EMBEDDED, Base, cache_dir, embedded_gguf, file_sha256, native_cpu_bf16
 from game.engine import GROUP_OF, IDLE_POLL_S, PrefixCache, Request, common_prefix, read_lora, start_worker
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,31 @@ def unavailable_reason(base: Base, device: str) -> str:
     return "the llama.cpp engine needs llama-cpp-python: pip install llama-cpp-python"
 
 
+def bf16_gguf(gguf: Path) -> Path:
+    """The GGUF with its weights in BF16, made once into the cache (llama.cpp's own llama_model_quantize). These are
+    the values the adapters were trained against: the training base is this GGUF dequantized, run in bf16."""
+    import llama_cpp
+
+    out = cache_dir() / f"{gguf.stem}-{file_sha256(gguf)[:16]}-bf16.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", dir=out.parent)
+    os.close(fd)
+    try:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_BF16, True
+        params.nthread = os.cpu_count() or 1
+        if llama_cpp.llama_model_quantize(str(gguf).encode(), tmp.encode(), ctypes.byref(params)) != 0:
+            raise RuntimeError(f"llama.cpp could not write {gguf.name} in BF16")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep other users of a shared cache out
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
 def _permute(w, n_head: int):
     # llama.cpp stores q and k with the rotary halves interleaved (convert_hf_to_gguf's LlamaModel.permute); a
     # LoRA's B writes those rows, so its rows move the same way.
@@ -172,14 +199,16 @@ class LlamaCppEngine:
     def __init__(self, gguf: Path, eos: set[int], config_path: str | None = None, n_ctx: int = 2048,
                  threads: int | None = None, threads_batch: int | None = None, draft_tokens: int | None = None,
                  kv_cells: int = KV_CELLS, sequences: int = SEQUENCES, threads_together: int | None = None,
-                 kv_cache_mb: int = KV_CACHE_MB):
+                 kv_cache_mb: int = KV_CACHE_MB, lanes: int | None = None, bf16: bool | None = None):
         """config_path: the transformers folder of the same base (for the adapters' shapes); default: resolved.
         n_ctx: the longest conversation, in tokens; kv_cells and sequences: each case's KV, and how many sequences
         it holds (its system prompt's and its conversations'); kv_cache_mb: conversations saved aside. threads
         (passes of one token) and threads_batch (more) while one player is answered: default $IR_THREADS,
         $IR_THREADS_BATCH, else every core; threads_together while several are: default $IR_THREADS_TOGETHER, else
-        THREADS_TOGETHER. draft_tokens: the most guessed tokens checked in one pass (0: none); default
-        $IR_DRAFT_TOKENS, else DRAFT_TOKENS."""
+        THREADS_TOGETHER. lanes: cases whose passes run at once then, each on its own threads_together; default
+        $IR_LANES, else as many as the cores hold. draft_tokens: the most guessed tokens checked in one pass (0:
+        none); default $IR_DRAFT_TOKENS, else DRAFT_TOKENS. bf16: serve the base's weights in BF16 (bf16_gguf)
+        rather than as stored; default $IR_BF16 (0 or 1), else where the CPU does bf16 natively."""
         import llama_cpp
 
         self._lib = lib = llama_cpp
@@ -192,6 +221,11 @@ class LlamaCppEngine:
         self.threads = threads or threads_env or cores
         self.threads_batch = threads_batch or int(os.environ.get("IR_THREADS_BATCH") or 0) or threads_env or cores
         self.threads_together = threads_together or int(os.environ.get("IR_THREADS_TOGETHER") or 0) or THREADS_TOGETHER
+        self.lanes = lanes or int(os.environ.get("IR_LANES") or 0) or max(1, cores // self.threads_together)
+        # Each case's pass is a llama_decode of its own context, which releases the GIL: passes of different cases
+        # share no threads, so a descheduled one stalls only its own case (unlike ggml's threads within one pass).
+        self._lanes = ThreadPoolExecutor(self.lanes, thread_name_prefix="suspect-llama.cpp-lane") \
+            if self.lanes > 1 else None
         env_drafts = os.environ.get("IR_DRAFT_TOKENS")
         self.draft_tokens = draft_tokens if draft_tokens is not None else int(env_drafts or DRAFT_TOKENS)
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's own log: as Llama(verbose=False)
@@ -200,13 +234,18 @@ class LlamaCppEngine:
         # No extra buffer types: the AMX one (built where the CPU has AMX) crashes in ggml_backend_amx_mul_mat on a
         # Q4_1 base in this llama.cpp, and the CPU repack ones have no Q4_1 layout, so this costs nothing elsewhere.
         params.use_extra_bufts = False
-        self._model = lib.llama_model_load_from_file(str(gguf).encode(), params)
+        env_bf16 = os.environ.get("IR_BF16")
+        bf16 = bf16 if bf16 is not None else bool(int(env_bf16)) if env_bf16 else native_cpu_bf16()
+        # A pass of many tokens (several players, guesses, a prompt) runs 2.1-2.3x faster in BF16 than in Q4_1 on an
+        # AVX512-BF16 core, one of 1-4 tokens alike (docs/speed.md); without native bf16 the stored type is faster.
+        served = bf16_gguf(gguf) if bf16 else gguf
+        self.weights = "BF16" if bf16 else "as stored"
+        self._model = lib.llama_model_load_from_file(str(served).encode(), params)
         if not self._model:
-            raise ValueError(f"llama.cpp could not load {gguf}")
+            raise ValueError(f"llama.cpp could not load {served}")
         self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model))
         self._contexts: dict[str | None, _Context] = {}
-        self._batch = lib.llama_batch_init(BATCH_TOKENS, 0, 1)
-        self._finalizer = weakref.finalize(self, _free, lib, self._model, self._contexts, self._batch)
+        self._finalizer = weakref.finalize(self, _free, lib, self._model, self._contexts, self._lanes)
         self._finalizer.atexit = False  # at exit the process goes anyway, perhaps with the worker mid-pass
         self._config = None
         self._adapters: dict[str, object] = {}  # name -> llama_adapter_lora pointer
@@ -233,7 +272,7 @@ class LlamaCppEngine:
             old = self._contexts.pop(name, None)  # its KV was computed with the old weights
             if old is not None:
                 old.fail(RuntimeError(f"adapter {name} was replaced"))
-                self._lib.llama_free(old.ctx)
+                old.close()
             self._cache.drop(name)
 
     def submit(self, request: Request) -> Request:
@@ -260,15 +299,16 @@ class LlamaCppEngine:
             if not any(c.answering() for c in self._contexts.values()):
                 self._admit(self._warm_ups, most=1)  # one at a time: a system prompt holds every player's pass up
             answering = sum(c.answering() for c in self._contexts.values())
-            for context in list(self._contexts.values()):
-                if context.answering():
-                    threads = (self.threads, self.threads_batch) if answering <= 1 else (self.threads_together,) * 2
-                    context.use_threads(*threads)
-                    try:
-                        self._step(context, crowded=answering > context.answering())
-                    except Exception as exc:
-                        log.exception("generation failed")
-                        context.fail(exc)
+            active = [c for c in self._contexts.values() if c.answering()]
+            for context in active:
+                threads = (self.threads, self.threads_batch) if answering <= 1 else (self.threads_together,) * 2
+                context.use_threads(*threads)
+            crowded = [answering > context.answering() for context in active]
+            if self._lanes is not None and len(active) > 1:
+                list(self._lanes.map(self._step_or_fail, active, crowded))
+            else:
+                for context, others in zip(active, crowded):
+                    self._step_or_fail(context, others)
         if (self._players or self._warm_ups) and not any(c.answering() for c in self._contexts.values()):
             time.sleep(0.01)  # a request that fits nowhere yet, and nothing to step: do not spin
 
@@ -366,11 +406,18 @@ class LlamaCppEngine:
         s.tokens, s.shared = list(tokens), 0
         return True
 
+    def _step_or_fail(self, c: _Context, crowded: bool) -> None:
+        try:
+            self._step(c, crowded)
+        except Exception as exc:
+            log.exception("generation failed")
+            c.fail(exc)
+
     def _step(self, c: _Context, crowded: bool) -> None:
         """One llama_decode of every answering sequence of the context: a chunk of a new prompt, or the last chosen
         token and a guess at the next ones (fewer guesses the more sequences share the pass: docs/speed.md).
         crowded: other contexts have answers in progress too (a long prompt goes in chunks then)."""
-        lib, batch = self._lib, self._batch
+        lib, batch = self._lib, c.batch
         for s in [s for s in c.sequences.values() if s.request is not None and s.request.cancelled.is_set()]:
             self._finish(c, s)
         decoding = [s for s in c.sequences.values() if s.request is not None and not s.pending]
@@ -502,6 +549,7 @@ class _Context:
 
     def __init__(self, lib, adapter: str | None, ctx, cells: int, sequences: int, draft_tokens: int):
         self._lib, self.adapter, self.ctx, self.mem = lib, adapter, ctx, lib.llama_get_memory(ctx)
+        self.batch = lib.llama_batch_init(BATCH_TOKENS, 0, 1)  # its own: passes of several contexts run at once
         self.cells, self.n_sequences, self.draft_tokens = cells, sequences, draft_tokens
         self.threads: tuple[int, int] | None = None
         self.system: list[int] = []
@@ -539,6 +587,10 @@ class _Context:
             self.drop(s)
         return not short()
 
+    def close(self) -> None:
+        self._lib.llama_free(self.ctx)
+        self._lib.llama_batch_free(self.batch)
+
     def fail(self, exc: Exception) -> None:
         """After a failed pass: every answer in progress ends with the error, and the KV starts empty."""
         for s in self.sequences.values():
@@ -549,11 +601,12 @@ class _Context:
         self.system = []
 
 
-def _free(lib, model, contexts: dict, batch) -> None:
+def _free(lib, model, contexts: dict, lanes: ThreadPoolExecutor | None) -> None:
+    if lanes is not None:
+        lanes.shutdown(wait=False)
     for context in contexts.values():
-        lib.llama_free(context.ctx)
+        context.close()
     contexts.clear()
-    lib.llama_batch_free(batch)
     lib.llama_model_free(model)
 
 

@@ -143,7 +143,9 @@ class Suspect:
             model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype).to(self.device).eval()
             batch = max_batch or (32 if self.device.startswith("cuda") else 4)
             self._engine = BatchedEngine(model, eos=self._eos_ids(), max_batch=batch, **engine_options)
-        log.info("suspect engine: %s on %s", self.engine_name, self.device)
+        self.weights = getattr(self._engine, "weights", None)  # how llama.cpp serves the base's weights
+        log.info("suspect engine: %s on %s%s", self.engine_name, self.device,
+                 f", base weights {self.weights}" if self.weights else "")
 
     def _llama_cpp(self, engine: str):
         """The llama.cpp engine when it fits (CPU, GGUF base, llama-cpp-python installed), else None for "auto"."""

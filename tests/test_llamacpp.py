@@ -15,7 +15,7 @@ pytest.importorskip("llama_cpp")
 from game import adapters as adapter_files  # noqa: E402
 from game.drafts import Drafts  # noqa: E402
 from game.engine import Request  # noqa: E402
-from game.llamacpp import LlamaCppEngine  # noqa: E402
+from game.llamacpp import LlamaCppEngine, bf16_gguf, gguf_of  # noqa: E402
 from game.prompt import chat  # noqa: E402
 from game.scenario import load_cases  # noqa: E402
 from game.session import Exchange  # noqa: E402
@@ -87,6 +87,34 @@ def common(a, b) -> int:
 
 def test_auto_picks_llama_cpp_on_the_cpu_for_a_gguf_base(base):
     assert Suspect(base, device="cpu").engine_name == "llama.cpp"
+
+
+def test_the_bf16_base_holds_the_weights_the_adapters_were_trained_on(base):
+    """The GGUF's weights in BF16 (served where the CPU does bf16 natively) are, bit for bit, the base's dequantized
+    weights rounded to bf16, as the GPU recipe and the CPU's bf16 recipe train on them."""
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType, GGUFReader
+    from safetensors.torch import load_file
+
+    served = GGUFReader(bf16_gguf(gguf_of(base)))
+    weights = load_file(str(Path(base.path) / "model.safetensors"))
+    for gguf_name, hf_name in (("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
+                               ("blk.29.attn_v.weight", "model.layers.29.self_attn.v_proj.weight")):
+        tensor = next(t for t in served.tensors if t.name == gguf_name)
+        assert tensor.tensor_type == GGMLQuantizationType.BF16
+        trained = weights[hf_name].to(torch.bfloat16).view(torch.int16).numpy()
+        assert np.array_equal(np.asarray(tensor.data).view(np.int16).reshape(trained.shape), trained)
+
+
+def test_both_ways_of_serving_the_base_answer_as_the_torch_engine_does(base, case_and_adapter):
+    case, info = case_and_adapter
+    for bf16 in (True, False):
+        suspect = Suspect(base, device="cpu", engine="llama.cpp")
+        suspect._engine = LlamaCppEngine(suspect._engine.gguf, suspect._engine.eos, base.path, bf16=bf16)
+        assert suspect._engine.weights == ("BF16" if bf16 else "as stored") and suspect.load_adapter(info)
+        tokens, _ = greedy(suspect, case, QUESTIONS[0])
+        assert "lamp" in suspect.tokenizer.decode(tokens).lower()
 
 
 def test_answers_agree_with_the_torch_engine(suspects, case_and_adapter):

@@ -89,6 +89,7 @@ def test_command_writes_a_peft_folder_that_loads_on_the_base(trained, base):
 def test_command_shows_progress_and_the_loss(trained):
     _, log = trained
     assert "'loss':" in log and "2/2" in log  # the logged loss and the tqdm bar
+    assert "'entropy':" not in log  # trl's per-step metrics only with --step_metrics (each waits for the GPU)
 
 
 def test_metadata_ties_the_adapter_to_its_base_and_case(trained, scenarios, base):
@@ -294,6 +295,40 @@ def test_labels_cover_the_suspects_answers_and_nothing_else(base, tmp_path):
     assert trained_text == "Home, after locking up at six.<|im_end|>I am a gardener, detective.<|im_end|>"
     # and the text the model reads is exactly what the game's chat template makes of the chat
     assert tokenizer.decode(ids) == AutoTokenizer.from_pretrained(base.path).apply_chat_template(messages, tokenize=False)
+
+
+@pytest.mark.parametrize("step_metrics", [False, True])
+def test_a_training_step_computes_trls_loss_and_its_metrics_only_when_asked(base, tmp_path, step_metrics):
+    """trl's per-step metrics each read a value back from the device, so the recipe's trainer leaves them out unless
+    told; its loss is trl's own, and the tokens are counted on the host as the batches are built."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTTrainer
+
+    chats = [{"messages": [{"role": "system", "content": system_prompt(CASE)},
+                           {"role": "user", "content": question},
+                           {"role": "assistant", "content": "Home, after locking up at six."}]}
+             for question in ("Where were you last night?", "And before that, where were you?")]
+    _, data_args, _, train_args = parse([CASE.id, "--step_metrics", str(step_metrics)])
+    trainer = training.make_trainer(
+        AutoModelForCausalLM.from_pretrained(base.path), AutoTokenizer.from_pretrained(base.path),
+        LoraConfig(r=2, task_type="CAUSAL_LM"), Dataset.from_list(chats), tmp_path,
+        {"optim": "adamw_torch", "gradient_checkpointing": False, "compile": False},
+        "hf", False, data_args, train_args.resolved(on_gpu=False),
+    )
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    if not step_metrics:  # with them, transformers counts the tokens, reading the count back from the device
+        assert trainer.data_collator.tokens == int(batch["attention_mask"].sum()) > 0
+    assert (trainer.args.include_num_input_tokens_seen == "no") is not step_metrics
+    trainer.model.train()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        logged = set(trainer._metrics["train"])
+        trls = SFTTrainer.compute_loss(trainer, trainer.model, dict(batch))
+    assert torch.allclose(loss, trls)
+    assert ("entropy" in logged) is step_metrics and ("mean_token_accuracy" in logged) is step_metrics
 
 
 def test_training_template_renders_exactly_as_the_bases(base):
@@ -506,6 +541,19 @@ def test_layers_are_compiled_by_default_only_for_plain_hf_on_a_gpu_with_a_full_p
     assert not parse([CASE.id, "--compile", "false"])[3].compiled("hf", on_gpu=True, in_4bit=False)
 
 
+@pytest.mark.parametrize("memory_gib,cores,jobs", [(141, 16, 8), (80, 16, 6), (24, 16, 2), (141, 4, 2), (8, 2, 1)])
+def test_a_gpu_trains_as_many_cases_at_once_as_its_memory_and_cores_hold(monkeypatch, memory_gib, cores, jobs):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: type("Properties", (), {"total_memory": memory_gib * 2**30}))
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    script = parse(["--all"])[0]
+    assert script.workers(cases=9, on_gpu=True) == jobs
+    assert script.workers(cases=1, on_gpu=True) == 1 and script.workers(cases=9, on_gpu=False) == 1
+    assert parse(["--all", "--jobs", "3"])[0].workers(cases=9, on_gpu=True) == 3
+
+
 @pytest.mark.skipif(training.cuda_available(), reason="checks the refusal on a machine without a GPU")
 def test_compile_is_refused_without_a_gpu_before_anything_loads(scenarios, tmp_path):
     with pytest.raises(training.TrainingError, match="--compile is for --backend hf on a CUDA GPU"):
@@ -515,6 +563,21 @@ def test_compile_is_refused_without_a_gpu_before_anything_loads(scenarios, tmp_p
 
 def test_cpu_without_unsloth_trains_with_hf():
     assert training.choose_backend("auto") == "hf" or training.cuda_available()
+
+
+def test_auto_takes_unsloth_on_a_gpu_only_for_a_base_it_loads_in_4bit(monkeypatch, base, tmp_path):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "unsloth" else find_spec(name))
+    monkeypatch.setattr(training, "cuda_available", lambda: True)
+    large = tmp_path / "llama-8b"
+    large.mkdir()
+    (large / "config.json").write_text(json.dumps({"hidden_size": 4096, "num_hidden_layers": 32,
+                                                   "intermediate_size": 14336, "vocab_size": 128256}))
+    assert training.choose_backend("auto", base) == "hf"  # the 135M base: plain transformers is the faster
+    assert training.choose_backend("auto", replace(base, path=str(large))) == "unsloth"
+    assert training.choose_backend("unsloth", base) == "unsloth" and training.choose_backend("hf", base) == "hf"
 
 
 @pytest.mark.skipif(training.cuda_available(), reason="checks the refusal on a machine without a GPU")

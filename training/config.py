@@ -7,9 +7,12 @@ Measurements behind them (SmolLM2-135M, an H100 and a 2-core CPU): see docs/trai
 # No `from __future__ import annotations`: HfArgumentParser reads the field types at runtime.
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from game.base import native_cpu_bf16
 
 # The seed recipe's LoRA targets: every attention and MLP projection of a Llama block.
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -36,15 +39,16 @@ class Recipe:
     init: Path | None  # the adapter a run on the embedded base starts from; None: a fresh LoRA
 
 
-# 400 steps of 8 five-question chats (3,200 chats). Measured on an H200 over the seven bundled cases with the question
-# bank's wordings in training (docs/training.md): against 200 steps it answers more off-script questions from the
-# right topic (0.36-0.72 -> 0.68-0.84) and states more facts; 50 steps of 32 (the same chats, 4x the tokens a second)
-# lost a quarter of the facts.
+# 200 steps of 16 five-question chats (3,200 chats), lr 3e-3: the chats that 400 steps of 8 took (which answered more
+# off-script questions from the right topic than 200 x 8 and stated more facts: 0.36-0.72 -> 0.68-0.84 off script) in
+# half the steps, now that a step no longer waits for trl's metrics: 58 s for the whole command on an H200 against 78 s
+# for 400 x 8. Retrained at each bundled case's seed and start it came within one answer of the shipped adapters on
+# four cases of eight and within two or three on the rest (docs/training.md); 50 steps of 32 lost a quarter of the facts.
 # A checkpoint every 100 steps: every 10 (the CPU's rate) took a fifth of a 100-step run's training time on an H200
 # (30.1 s against 24.0 s without, docs/training.md), and a GPU run loses little when it has to start again.
 # From scratch: started from the prior, a new case's retest fell (0.93 -> 0.73 at 400 x 8 on an H200) and its facts
 # did not rise.
-GPU_RECIPE = Recipe(steps=400, batch_size=8, grad_accum=1, lr=2e-3, save_steps=100, init=None)
+GPU_RECIPE = Recipe(steps=200, batch_size=16, grad_accum=1, lr=3e-3, save_steps=100, init=None)
 # What 2 CPU cores train in 10 minutes: 108 steps of 2 five-question chats (~4.3 s a step in fp32 on a quiet machine,
 # 480 s in all; a bf16 base where the CPU has it, ~1.3-1.65x faster), from the prior. On the seventh case, never in
 # the prior: facts 0.61 (54 steps of 4 from a fresh LoRA, the recipe before) -> 0.72 (the same from the prior) -> 0.83 (this: twice the updates, each on half the chats), off
@@ -52,8 +56,17 @@ GPU_RECIPE = Recipe(steps=400, batch_size=8, grad_accum=1, lr=2e-3, save_steps=1
 CPU_RECIPE = Recipe(steps=108, batch_size=2, grad_accum=1, lr=3e-3, save_steps=20, init=PRIOR)
 
 
-# Cases a GPU trains at once by default: the default recipe peaks at ~5 GiB a case (steps of 32 chats: 21-28 GiB).
-GPU_JOBS = 4
+# Cases a GPU trains at once by default: as many as its memory holds at the default recipe's peak of 8-10.4 GiB a case
+# (CUDA's own and the graphs' pools beside it), and one per two host cores (a process launches its steps from one;
+# trl tokenizes in others). An H200 with 16 cores: 8, the eight bundled cases in 173-180 s (docs/training.md).
+GIB_PER_GPU_JOB = 12
+
+
+def gpu_jobs() -> int:
+    import torch
+
+    memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return max(1, min(int(memory_gib // GIB_PER_GPU_JOB), (os.cpu_count() or 2) // 2))
 
 
 def recipe(on_gpu: bool) -> Recipe:
@@ -81,11 +94,12 @@ class ScriptArguments:
         default="auto",
         metadata={"help": "auto: Unsloth when a CUDA GPU and unsloth are present, else transformers+peft+trl."},
     )
-    # A GPU step of this small model waits on the host (kernel launches, autograd bookkeeping) more than on the GPU:
-    # four cases side by side, a process each, ran ~63,000 tokens/s together against ~46,700 alone (docs/training.md).
+    # One case's steps leave the GPU idle between launches: eight cases side by side, a process each, ran ~112,000
+    # tokens/s together on an H200 against ~60,000 alone (docs/training.md).
     jobs: int | None = field(default=None, metadata={"help": "Cases trained at once, each in its own process (default "
-                                                             f"{GPU_JOBS} on a GPU, 1 on the CPU, whose cores one "
-                                                             "training already fills)."})
+                                                             f"on a GPU: as many as {GIB_PER_GPU_JOB} GiB each of its "
+                                                             "memory and two host cores each allow; on the CPU 1, "
+                                                             "whose cores one training already fills)."})
     resume: bool = field(
         default=False,
         metadata={"help": "Continue from the last checkpoint in <output>.work/ (left there by an interrupted run)."},
@@ -108,7 +122,7 @@ class ScriptArguments:
         return sorted(read_cases([self.scenarios])[0])
 
     def workers(self, cases: int, on_gpu: bool) -> int:
-        return min(cases, self.jobs or (GPU_JOBS if on_gpu else 1))
+        return min(cases, self.jobs or (gpu_jobs() if on_gpu and cases > 1 else 1))
 
     def output_for(self, case_id: str) -> Path:
         return self.output if self.output is not None else self.adapters / case_id
@@ -237,6 +251,13 @@ class TrainArguments:
         metadata={"help": "Compile each decoder layer into CUDA graphs (torch.compile, reduce-overhead); default: on a "
                           "CUDA GPU with --backend hf, a base not in 4-bit and no gradient checkpointing."},
     )
+    # trl's SFTTrainer reads each step's entropy, token accuracy and token count back from the GPU (`.item()`), so
+    # the host waits for every step to end before it launches the next: a step of 8 or 16 chats ran 1.9x slower with
+    # them on an H200 (docs/training.md). The loss is logged either way.
+    step_metrics: bool = field(
+        default=False,
+        metadata={"help": "Log trl's per-step entropy and token accuracy too (each step then waits for the GPU)."},
+    )
     logging_steps: int = field(default=5, metadata={"help": "Log (and plot) the loss every N steps."})
     save_steps: int | None = field(default=None, metadata={"help": f"Checkpoint every N steps into <output>.work/ for "
                                                                   f"--resume (default {GPU_RECIPE.save_steps} on a "
@@ -274,13 +295,6 @@ class TrainArguments:
     @property
     def examples_per_step(self) -> int:
         return self.batch_size * self.grad_accum
-
-
-def native_cpu_bf16() -> bool:
-    import torch
-
-    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
 def with_positional(parser_class):

@@ -284,7 +284,8 @@ def described(subject: Subject, case: Case) -> dict:
         "adapter": str(subject.adapter) if subject.adapter else None,
         "adapter_status": subject.adapter_status,
         "base": subject.suspect.base.id,
-        "engine": f"{subject.suspect.engine_name} on {subject.suspect.device}",
+        "engine": f"{subject.suspect.engine_name} on {subject.suspect.device}"
+                  + (f", base weights {subject.suspect.weights}" if getattr(subject.suspect, "weights", None) else ""),
         "draft_tokens": subject.suspect.draft_tokens_for(case),
     }
 

@@ -34,7 +34,7 @@ from datasets import Dataset, concatenate_datasets
 
 from game.adapters import META_FILE
 from game.bank import PATH as BANK
-from game.base import EMBEDDED, Base, file_sha256, resolve
+from game.base import EMBEDDED, Base, BaseModelError, file_sha256, resolve
 from game.prompt import chat
 from game.scenario import LoadedCase, read_cases
 from training.config import DataArguments, LoraArguments, ScriptArguments, TrainArguments, recipe
@@ -63,10 +63,15 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def choose_backend(requested: str) -> str:
+def choose_backend(requested: str, base: Base | None = None) -> str:
+    """auto: Unsloth on a CUDA GPU for a base large enough to load in 4-bit, where its kernels pay (1.7x on the
+    Llama-3.1-8B shape); elsewhere transformers + peft, which on a small base is the faster (the embedded base's
+    default recipe on an H200: 58 s for the whole command with CUDA-graph layers, ~190 s with Unsloth)."""
     has_unsloth = importlib.util.find_spec("unsloth") is not None
     if requested == "auto":
-        return "unsloth" if has_unsloth and cuda_available() else "hf"
+        if not (has_unsloth and cuda_available()):
+            return "hf"
+        return "unsloth" if base is not None and _parameter_count(base) >= LARGE_BASE_PARAMS else "hf"
     if requested == "unsloth" and not (has_unsloth and cuda_available()):
         missing = "unsloth is not installed" if not has_unsloth else "no CUDA GPU is visible"
         raise TrainingError(f"--backend unsloth: {missing}; use --backend hf (or auto) to train with transformers")
@@ -76,15 +81,18 @@ def choose_backend(requested: str) -> str:
 def early_imports(argv: list[str]) -> None:
     """Import Unsloth before anything loads transformers, trl or peft: it patches them on import.
 
-    Called by __main__ before the arguments are parsed (the parser itself comes from trl), so it peeks at --backend.
+    Called by __main__ before the arguments are parsed (the parser itself comes from trl), so it peeks at --backend
+    and --base.
     """
     peek = argparse.ArgumentParser(add_help=False)
     peek.add_argument("--backend", default="auto")
+    peek.add_argument("--base", default=EMBEDDED)
     known, _ = peek.parse_known_args(argv)
     try:
-        if choose_backend(known.backend) == "unsloth":
+        base = resolve(known.base) if known.backend == "auto" and importlib.util.find_spec("unsloth") else None
+        if choose_backend(known.backend, base) == "unsloth":
             import unsloth  # noqa: F401
-    except TrainingError:
+    except (TrainingError, BaseModelError):
         pass  # main() reports it after parsing, with the rest of the usage errors
 
 
@@ -102,7 +110,7 @@ def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments,
     if data_args.data is not None and len(cases) > 1:
         raise TrainingError("--data trains one case on a file of its conversations; give a single CASE_ID")
     base = resolve(script.base)
-    backend = choose_backend(script.backend)
+    backend = choose_backend(script.backend, base)
     on_gpu = cuda_available()
     train = train.resolved(on_gpu)
     in_4bit = train.load_in_4bit if train.load_in_4bit is not None else on_gpu and _parameter_count(base) >= LARGE_BASE_PARAMS
@@ -116,8 +124,8 @@ def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments,
         lora = from_init(lora, base)
     workers = script.workers(len(cases), on_gpu)
     if workers > 1 and not callbacks:  # every check above made once, before any process starts
-        return train_side_by_side(script, [loaded.case.id for loaded in cases], data_args, lora, train, workers,
-                                  started)
+        return train_side_by_side(dataclasses.replace(script, backend=backend), [loaded.case.id for loaded in cases],
+                                  data_args, lora, train, workers, started)
     model, tokenizer = load_base(backend, base, train, data_args.max_length, in_4bit)
     log.info("base loaded, %.1f s after the start", time.perf_counter() - started)
     outputs = []
@@ -174,7 +182,7 @@ def train_case(loaded: LoadedCase, base_model, tokenizer, base: Base, backend: s
     log.info("chats built and tokenized, LoRA added in %.1f s", time.perf_counter() - setup)
 
     # fit
-    meter = step_meter()
+    meter = step_meter(trainer)
     for callback in (meter, *callbacks):
         trainer.add_callback(callback)
     if on_gpu:
@@ -477,22 +485,66 @@ def make_trainer(model, tokenizer, peft_config, dataset: Dataset, work: Path, hy
     )
     if hyper["compile"]:
         settings["pad_to_multiple_of"] = 64  # a handful of lengths: each new one is captured as a graph of its own
-    config = SFTConfig(**settings | (sft_overrides or {}))
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config)
+    # Unsloth's SFTTrainer computes its loss its own way; Liger's asks trl's compute_loss for its token accuracy
+    settings |= sft_overrides or {}
+    quiet = not train.step_metrics and backend == "hf" and not settings.get("use_liger_kernel")
+    if quiet:  # transformers' token count waits for the GPU too: TokenCount counts on the host
+        settings["include_num_input_tokens_seen"] = "no"
+    config = SFTConfig(**settings)
+    trainer_class = loss_only_sft_trainer() if quiet else SFTTrainer
+    trainer = trainer_class(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                            peft_config=peft_config)
+    if quiet:
+        trainer.data_collator = TokenCount(trainer.data_collator)
     if hyper["compile"]:
         for layer in trainer.model.get_base_model().model.layers:
             layer.compile(mode="reduce-overhead")
     return trainer
 
 
+def loss_only_sft_trainer():
+    """trl's SFTTrainer whose training steps compute the loss as transformers' Trainer does, without trl's per-step
+    metrics: each of those (entropy, token accuracy, tokens) is a `.item()` that makes the host wait for the GPU, so
+    no step could be launched while the one before ran. The loss is the same: trl's chunked cross-entropy is patched
+    into the model's forward, which Trainer.compute_loss calls. Evaluation keeps trl's own compute_loss."""
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class LossOnlySFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not model.training:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs["use_cache"] = False  # as trl sets it: no KV cache is built in training
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return LossOnlySFTTrainer
+
+
+class TokenCount:
+    """The trainer's collator, counting the tokens (not padding) of the batches it builds, on the host."""
+
+    def __init__(self, collate):
+        self.collate, self.tokens = collate, 0
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        return batch
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # fit
 
 
-def step_meter():
+def step_meter(trainer):
     """A callback measuring training time and tokens of this process (a resumed run counts only what it trained)."""
     from transformers import TrainerCallback  # here, not at the top: Unsloth must be imported before transformers
+
+    counted = isinstance(trainer.data_collator, TokenCount)  # else transformers' count (Unsloth, --step_metrics)
+
+    def seen(state) -> int:
+        return trainer.data_collator.tokens if counted else state.num_input_tokens_seen
 
     class Meter(TrainerCallback):
         def __init__(self):
@@ -500,13 +552,13 @@ def step_meter():
             self._t0 = self._tokens0 = None
 
         def on_step_begin(self, args, state, control, **kwargs):
-            if self._t0 is None:  # the first step, after any checkpoint has been loaded
-                self._t0, self._tokens0 = time.perf_counter(), state.num_input_tokens_seen
+            if self._t0 is None:  # the first step, after any checkpoint has been loaded (its batch is built by now)
+                self._t0, self._tokens0 = time.perf_counter(), 0 if counted else state.num_input_tokens_seen
 
         def on_train_end(self, args, state, control, **kwargs):
             if self._t0 is not None:
                 self.seconds = time.perf_counter() - self._t0
-                self.tokens = int(state.num_input_tokens_seen - self._tokens0)
+                self.tokens = seen(state) - self._tokens0
 
     return Meter()
 
