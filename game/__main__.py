@@ -149,12 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=serve_config)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config = GameConfig.from_env(scenarios=args.scenarios, adapters=args.adapters, base=args.base)
+    try:  # the engine's own settings are read as it starts, within the command
+        return args.run(args, GameConfig.from_env(scenarios=args.scenarios, adapters=args.adapters, base=args.base))
     except ConfigError as exc:  # say which setting, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return args.run(args, config)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from game.base import EMBEDDED, Base, cache_dir, embedded_gguf, file_sha256, native_cpu_bf16
+from game.config import ConfigError
 from game.engine import GROUP_OF, IDLE_POLL_S, PrefixCache, Request, common_prefix, read_lora, start_worker
 
 log = logging.getLogger(__name__)
@@ -217,25 +218,28 @@ class LlamaCppEngine:
         self.eos = eos
         self.max_len = n_ctx
         self.kv_cells, self.sequences = kv_cells, sequences
-        threads_env, cores = int(os.environ.get("IR_THREADS") or 0), os.cpu_count() or 1
+        threads_env, cores = _env_count("IR_THREADS"), os.cpu_count() or 1
         self.threads = threads or threads_env or cores
-        self.threads_batch = threads_batch or int(os.environ.get("IR_THREADS_BATCH") or 0) or threads_env or cores
-        self.threads_together = threads_together or int(os.environ.get("IR_THREADS_TOGETHER") or 0) or THREADS_TOGETHER
-        self.lanes = lanes or int(os.environ.get("IR_LANES") or 0) or max(1, cores // self.threads_together)
+        self.threads_batch = threads_batch or _env_count("IR_THREADS_BATCH") or threads_env or cores
+        self.threads_together = threads_together or _env_count("IR_THREADS_TOGETHER") or THREADS_TOGETHER
+        self.lanes = lanes or _env_count("IR_LANES") or max(1, cores // self.threads_together)
         # Each case's pass is a llama_decode of its own context, which releases the GIL: passes of different cases
         # share no threads, so a descheduled one stalls only its own case (unlike ggml's threads within one pass).
         self._lanes = ThreadPoolExecutor(self.lanes, thread_name_prefix="suspect-llama.cpp-lane") \
             if self.lanes > 1 else None
-        env_drafts = os.environ.get("IR_DRAFT_TOKENS")
-        self.draft_tokens = draft_tokens if draft_tokens is not None else int(env_drafts or DRAFT_TOKENS)
+        env_drafts = _env_count("IR_DRAFT_TOKENS")
+        self.draft_tokens = draft_tokens if draft_tokens is not None else DRAFT_TOKENS if env_drafts is None else env_drafts
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's own log: as Llama(verbose=False)
         lib.llama_backend_init()
         params = lib.llama_model_default_params()
         # No extra buffer types: the AMX one (built where the CPU has AMX) crashes in ggml_backend_amx_mul_mat on a
         # Q4_1 base in this llama.cpp, and the CPU repack ones have no Q4_1 layout, so this costs nothing elsewhere.
         params.use_extra_bufts = False
-        env_bf16 = os.environ.get("IR_BF16")
-        bf16 = bf16 if bf16 is not None else bool(int(env_bf16)) if env_bf16 else native_cpu_bf16()
+        if bf16 is None:
+            env_bf16 = os.environ.get("IR_BF16")
+            if env_bf16 not in (None, "", "0", "1"):
+                raise ConfigError(f"IR_BF16 must be 1 (serve the base in BF16) or 0 (as stored), not {env_bf16!r}")
+            bf16 = env_bf16 == "1" if env_bf16 else native_cpu_bf16()
         # A pass of many tokens (several players, guesses, a prompt) runs 2.1-2.3x faster in BF16 than in Q4_1 on an
         # AVX512-BF16 core, one of 1-4 tokens alike (docs/speed.md); without native bf16 the stored type is faster.
         served = bf16_gguf(gguf) if bf16 else gguf
@@ -305,7 +309,11 @@ class LlamaCppEngine:
                 context.use_threads(*threads)
             crowded = [answering > context.answering() for context in active]
             if self._lanes is not None and len(active) > 1:
-                list(self._lanes.map(self._step_or_fail, active, crowded))
+                # A pass's own errors end in _step_or_fail; the pool refuses work only once the interpreter exits.
+                try:
+                    list(self._lanes.map(self._step_or_fail, active, crowded))
+                except RuntimeError:
+                    return
             else:
                 for context, others in zip(active, crowded):
                     self._step_or_fail(context, others)
@@ -599,6 +607,16 @@ class _Context:
         self._lib.llama_memory_clear(self.mem, True)
         self.sequences.clear()
         self.system = []
+
+
+def _env_count(name: str) -> int | None:
+    """A whole number >= 0 from the environment, None where it is unset."""
+    value = os.environ.get(name)
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ConfigError(f"{name} must be a whole number, not {value!r}")
+    return int(value)
 
 
 def _free(lib, model, contexts: dict, lanes: ThreadPoolExecutor | None) -> None:

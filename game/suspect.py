@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from game.adapters import AdapterInfo
 from game.base import Base
+from game.config import ConfigError
 from game.drafts import Drafts
 from game.engine import BatchedEngine, Request
 from game.phrases import normalize, same_answer
@@ -161,7 +162,7 @@ class Suspect:
         try:
             return llamacpp.LlamaCppEngine(gguf, eos=self._eos_ids(), config_path=self.base.path)
         except Exception as exc:
-            if engine == "llama.cpp":
+            if engine == "llama.cpp" or isinstance(exc, ConfigError):  # a bad setting is said, not worked around
                 raise
             log.warning("llama.cpp could not open %s (%s): the torch engine runs instead", gguf, exc)
             return None

@@ -273,3 +273,15 @@ def test_a_bad_setting_stops_the_start_with_a_message_naming_it(name, value, mes
     done = subprocess.run([sys.executable, "-m", "game", "list"], cwd=ROOT, env=os.environ | {name: value},
                           capture_output=True, text=True)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("IR_LANES", "two", "IR_LANES must be a whole number, not 'two'"),
+    ("IR_BF16", "yes", "IR_BF16 must be 1 (serve the base in BF16) or 0 (as stored), not 'yes'"),
+])
+def test_a_bad_engine_setting_stops_the_game_with_a_message_naming_it(name, value, message):
+    pytest.importorskip("llama_cpp")  # the CPU engine's settings, read as it starts
+    done = subprocess.run([sys.executable, "-m", "game", "play", "lighthouse-logbook"], cwd=ROOT,
+                          env=os.environ | {name: value, "IR_DEVICE": "cpu"}, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=300)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
