@@ -2,10 +2,11 @@
 
 llama.cpp reads the base as it is stored (Q4_1), or where the CPU does bf16 natively in BF16 (made once from the
 GGUF: the values the adapters were trained against, and twice as fast for a pass of many tokens); on a 2-core CPU
-that is ~5x the tokens/s of the torch engine. The adapter is applied beside the base, unmerged. Decoding is the game's own: greedy with transformers'
-repetition penalty over every token seen, so answers match the torch path's up to llama.cpp's arithmetic. Where the
-case's own material guesses how an answer goes on (game.drafts), the guess is checked in the same pass as the token
-before it (speculative decoding): every token is still the model's choice, ~1.5x as many a second.
+that is ~5x the tokens/s of the torch engine. The adapter is applied beside the base, unmerged. Decoding is the
+game's own: greedy with transformers' repetition penalty over every token seen, so answers match the torch path's up
+to llama.cpp's arithmetic. Where the case's own material guesses how an answer goes on (game.drafts), the guess is
+checked in the same pass as the token before it (speculative decoding): every token is still the model's choice,
+~1.5x as many a second.
 
 Many players at once: every conversation is a llama.cpp sequence, and all the sequences of one case go through one
 `llama_decode` a step (a new question's prompt beside the others' next tokens). llama.cpp applies LoRA adapters to a
@@ -228,7 +229,9 @@ class LlamaCppEngine:
         self._lanes = ThreadPoolExecutor(self.lanes, thread_name_prefix="suspect-llama.cpp-lane") \
             if self.lanes > 1 else None
         env_drafts = _env_count("IR_DRAFT_TOKENS")
-        self.draft_tokens = draft_tokens if draft_tokens is not None else DRAFT_TOKENS if env_drafts is None else env_drafts
+        if draft_tokens is None:
+            draft_tokens = DRAFT_TOKENS if env_drafts is None else env_drafts
+        self.draft_tokens = draft_tokens
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's own log: as Llama(verbose=False)
         lib.llama_backend_init()
         params = lib.llama_model_default_params()
