@@ -118,21 +118,26 @@ def bf16_gguf(gguf: Path) -> Path:
     out = cache_dir() / f"{gguf.stem}-{file_sha256(gguf)[:16]}-bf16.gguf"
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", dir=out.parent)
-    os.close(fd)
-    try:
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype, params.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_BF16, True
-        params.nthread = os.cpu_count() or 1
-        if llama_cpp.llama_model_quantize(str(gguf).encode(), tmp.encode(), ctypes.byref(params)) != 0:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_BF16, True
+    params.nthread = os.cpu_count() or 1
+    with _written_whole(out) as tmp:
+        if llama_cpp.llama_model_quantize(str(gguf).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
             raise RuntimeError(f"llama.cpp could not write {gguf.name} in BF16")
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep other users of a shared cache out
+    return out
+
+
+@contextmanager
+def _written_whole(out: Path):
+    """A path to write `out` at, beside it, moved onto it once the block ends without error: a reader of the cache
+    never sees half a file, and a failed write leaves nothing."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent)) / out.name
+    try:
+        yield tmp
         os.replace(tmp, out)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out
+        shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
 def _permute(w, n_head: int):
@@ -151,9 +156,7 @@ def to_gguf_lora(folder: Path, out: Path, config) -> None:
     shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
               "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
     weights = read_lora(folder, config.num_hidden_layers, shapes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent)) / out.name
-    try:
+    with _written_whole(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")
         writer.add_string("general.type", "adapter")
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -170,9 +173,6 @@ def to_gguf_lora(folder: Path, out: Path, config) -> None:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
 def _digest(folder: Path) -> str:
