@@ -140,12 +140,15 @@ def served(tmp_path_factory, serve, bundled):
     return room, serve(room)
 
 
-def open_page(browser, url: str, viewport: dict, wire: bool = True):
+def open_page(browser, url: str, viewport: dict, wire: bool = True, clock: bool = False):
     """A player's tab with the first briefing on screen; `wire`: every response recorded (then a streamed answer
-    reaches the page whole, at its end: a test of what the page shows while answering goes without it)."""
+    reaches the page whole, at its end: a test of what the page shows while answering goes without it); `clock`:
+    the page's timers on Playwright's clock from the start, so that a test can pause and move them."""
     context = browser.new_context(viewport=viewport)
     page = context.new_page()
     page.wire = Wire(page) if wire else None
+    if clock:
+        page.clock.install()  # time flows as usual until a test pauses it
     page.goto(url)
     # The random case of the page's first load is on screen (a busy server may take a while).
     expect(page.locator("#begin")).to_be_enabled(timeout=ANSWER_WAIT_MS)
@@ -436,9 +439,8 @@ RECORD_PROGRESS = """() => {
 
 
 def test_while_answering_the_page_says_so_and_locks_the_question_box(browser, served):
-    page = open_page(browser, served[1], DESKTOP, wire=False)  # streamed answers reach the page as they grow
+    page = open_page(browser, served[1], DESKTOP, wire=False, clock=True)  # answers reach the page as they grow
     try:
-        page.clock.install()  # time flows as usual; fast_forward below moves the page's clock on at once
         page.locator("#begin").click()
         page.evaluate(RECORD_PROGRESS)
         page.locator("#question textarea").fill("Tell me everything you did last night, hour by hour.")
@@ -453,10 +455,12 @@ def test_while_answering_the_page_says_so_and_locks_the_question_box(browser, se
         assert thinking and all(s["locked"] for s in thinking if "\n" not in s["text"]), seen
         # The seconds are the page's own count: a thinking line put back (a fast engine may answer before the page's
         # clock could be moved on) counts on as the clock moves, whatever the server does meanwhile.
+        # The clock is paused first: on a loaded machine time flowing on would add its seconds to the count.
+        page.clock.pause_at(page.evaluate("Date.now()") + 1_000)
         page.evaluate("""name => document.querySelector("#progress").insertAdjacentHTML("beforeend",
             `<p>${name} is thinking… <span class="elapsed">0 s</span></p>`)""", name)
         page.clock.run_for(500)  # the page's timer sees the line appear and starts counting
-        page.clock.fast_forward(3_000)
+        page.clock.run_for(3_000)
         expect(page.locator("#progress .elapsed")).to_have_text("3 s")
     finally:
         close_page(page)
