@@ -207,6 +207,10 @@ def build_app(room: Room, answers_at_once: int = ANSWERS_AT_ONCE) -> gr.Blocks:
             except (MoveRefused, UnknownGame) as exc:
                 raise refusal(exc) from exc
 
+        def lock_question():
+            """The question box and the buttons, while the suspect answers."""
+            return gr.Textbox(interactive=False), *[gr.Button(interactive=False)] * 3
+
         def interrogate(text: str, gid: str | None, history: list):
             try:
                 stream = room.ask(gid, text)  # refuses again, atomically: API callers and double submits land here
@@ -214,25 +218,23 @@ def build_app(room: Room, answers_at_once: int = ANSWERS_AT_ONCE) -> gr.Blocks:
                 raise refusal(exc) from exc
             shown = html.escape(" ".join(text.split()), quote=False)  # a question is shown as text, never as markup
             history = [*history, {"role": "user", "content": shown}, {"role": "assistant", "content": "…"}]
-            locked = (thinking(room.persona(gid).name), gr.Textbox(value="", interactive=False),
-                      *[gr.Button(interactive=False)] * 3)
-            yield history, *locked
-            unchanged = [gr.skip()] * len(locked)  # while words arrive only the chat changes: nothing else to send
+            waiting = thinking(room.persona(gid).name)
+            yield history, waiting, ""  # the question leaves the box for the chat
             try:
                 for partial in stream:
                     history[-1] = {"role": "assistant", "content": html.escape(partial, quote=False)}
-                    yield history, *unchanged
+                    # The line and the box as they are: Gradio sends only what changed. A value is cheap to process
+                    # where gr.skip() is a component update, which Gradio rebuilds as a new component each time.
+                    yield history, waiting, ""
             except EngineUnavailable as exc:
                 # The room has withdrawn the question: the chat goes back to before it, and the question back into
                 # the box, so that asking again is one click; the message says what happened, there and as a toast.
                 gr.Warning(str(exc))
-                decidable = gr.Button(interactive=room.session(gid).questions_asked > 0)
-                yield (history[:-2], status(f"⚠️ {html.escape(str(exc), quote=False)}"), text, decidable, decidable,
-                       gr.Button(interactive=True))
+                yield history[:-2], status(f"⚠️ {html.escape(str(exc), quote=False)}"), text
                 return
             # What an API caller is left with: the counter. The box opens in the next step (controls), once the page
             # shows the counter: never "is thinking" beside an open box.
-            yield history, counter(room, gid), *locked[1:]
+            yield history, counter(room, gid), ""
 
         def controls(gid: str | None):
             """The question box and the buttons as the rules now allow, after an answer or a failed one."""
@@ -245,9 +247,13 @@ def build_app(room: Room, answers_at_once: int = ANSWERS_AT_ONCE) -> gr.Blocks:
                     gr.Button(interactive=answered), gr.Button(interactive=session.phase is Phase.QUESTIONING))
 
         question_outputs = [progress, question, guilty, innocent, ask]
-        # A question that will be answered waits its turn for the suspect, its place in the queue on the progress line.
+        # A question that will be answered locks the box and the buttons at once, in a step of its own (the answer's
+        # streamed updates then carry only the chat and the line under it), and waits its turn for the suspect, its
+        # place in the queue on the progress line.
         gr.on([ask.click, question.submit], refuse, [question, game_id], None, api_visibility="private").success(
-            interrogate, [question, game_id, chat], [chat, *question_outputs], api_name="ask",
+            lock_question, None, question_outputs[1:], queue=False, show_progress="hidden",
+            api_visibility="private").success(
+            interrogate, [question, game_id, chat], [chat, progress, question], api_name="ask",
             show_progress="minimal", show_progress_on=progress,
             concurrency_limit=answers_at_once).then(
             controls, game_id, question_outputs, api_visibility="private", show_progress="hidden").then(

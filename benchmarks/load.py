@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import ROOT, RESULTS, machine, summary, versions, write_result  # noqa: E402
 
+POLL_S = 0.01  # a player's look at the answer so far: first words are timed to within this
 QUESTIONS = ["Where were you last night?", "Who else could get in?", "What did you see when you arrived?",
              "Why should I believe you?", "Did you do it?"]
 
@@ -112,7 +113,9 @@ def play(url: str, p: int, case_id: str, args: Arguments, start: threading.Barri
     game = {"player": p, "case": case_id, "asked": [], "answers": [], "answer_s": [], "first_words_s": [],
             "error": None}
     try:
-        client = Client(url, verbose=False, httpx_kwargs={"timeout": args.client_timeout_s})
+        # ssl_verify=False: the server is plain HTTP on localhost, and gradio_client makes a new httpx client (which
+        # loads the CA bundle when it verifies, ~10 ms of CPU) for every request it sends.
+        client = Client(url, verbose=False, ssl_verify=False, httpx_kwargs={"timeout": args.client_timeout_s})
         start.wait()
         client.predict(case_id, api_name="/new_game")
         history = []
@@ -124,9 +127,14 @@ def play(url: str, p: int, case_id: str, args: Arguments, start: threading.Barri
             sent = time.perf_counter()
             first_words = None
             job = client.submit(question, history, api_name="/ask")
-            for outputs in job:  # each streamed update of the chat
-                if first_words is None and text_of(outputs[0][-1]).strip("… "):
+            # The streamed updates, looked at every POLL_S: iterating over the job instead waits in a 1 ms sleep loop
+            # (gradio_client's Job.__next__), and twenty of those took ~0.45 of this machine's two cores from the
+            # server they measure, which real players' browsers, on their own devices, do not.
+            while not job.done():
+                outputs = job.outputs()
+                if first_words is None and outputs and text_of(outputs[-1][0][-1]).strip("… "):
                     first_words = time.perf_counter() - sent
+                time.sleep(POLL_S)
             history = job.result()[0]
             game["answer_s"].append(time.perf_counter() - sent)
             game["first_words_s"].append(first_words if first_words is not None else game["answer_s"][-1])
@@ -210,7 +218,7 @@ def main(args: Arguments) -> dict:
                      "answers_at_once": ANSWERS_AT_ONCE, "threads": os.environ.get("IR_THREADS"),
                      "draft_tokens": os.environ.get("IR_DRAFT_TOKENS"), "lanes": os.environ.get("IR_LANES"),
                      "think_s": args.think_s, "client_nice": args.client_nice, "engine_url": args.engine_url,
-                     "transport": "gradio_client over HTTP on localhost"},
+                     "transport": "gradio_client over HTTP on localhost", "client_poll_s": POLL_S},
         "server_ready_s": round(ready_s, 2),
         "server_warm_s": round(warm_s, 2),
         "wall_s": round(wall, 2),

@@ -193,6 +193,64 @@ def test_resume_refuses_checkpoints_made_with_other_settings(tmp_path):
     assert training.prepare_work_dir(work, run, resume=True) == str(work / "checkpoint-5")
 
 
+def test_a_run_past_its_minutes_drops_the_steps_that_do_not_fit_and_says_so(scenarios, tmp_path):
+    # A budget no step can meet: the run keeps the steps that measured the pace (a first one, then PACE_STEPS).
+    output = tmp_path / CASE.id
+    training.main(*args(scenarios, output, "--steps", "30", "--minutes", "0.001"))
+    meta = adapters.read_meta(output)
+    kept = 1 + training.PACE_STEPS
+    assert meta["steps"] == kept and meta["steps_cut_for_time"] == 30 - kept
+    assert meta["hyperparameters"]["steps"] == 30 and meta["hyperparameters"]["minutes"] == 0.001
+    assert f"{kept} steps ({30 - kept} more planned, dropped to end within 0.001 minutes)" in (
+        output / "README.md").read_text()
+
+
+def run_on_a_clock(monkeypatch, step_seconds, seconds: float):
+    """Steps of a 100-step linear schedule under time_budget(seconds), step i taking step_seconds(i) on a fake clock:
+    the steps trained, the plan after each step, and the last learning rate."""
+    import torch
+    from transformers import TrainerControl, TrainerState, get_scheduler
+
+    now = [0.0]
+    monkeypatch.setattr(training.time, "perf_counter", lambda: now[0])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=100)
+    budget = training.time_budget(seconds=seconds + training.AFTER_TRAINING_S, started=0.0)
+    state, control, plans = TrainerState(max_steps=100), TrainerControl(), []
+    while not control.should_training_stop:
+        now[0] += step_seconds(state.global_step)
+        optimizer.step()
+        scheduler.step()
+        state.global_step += 1
+        budget.on_step_end(None, state, control, lr_scheduler=scheduler)
+        plans.append(state.max_steps)
+    return state.global_step, plans, scheduler.get_last_lr()[0]
+
+
+def test_the_budget_ends_the_schedule_at_the_last_step_that_fits(monkeypatch):
+    trained, plans, last_lr = run_on_a_clock(monkeypatch, lambda step: 10, seconds=400)  # 40 steps of 10 s fit
+    assert trained == plans[-1] == 40
+    assert last_lr == 0.0  # the linear decay reached its end at the last step trained
+
+
+def test_steps_dropped_while_the_machine_was_slow_come_back_when_it_is_not(monkeypatch):
+    trained, plans, last_lr = run_on_a_clock(monkeypatch, lambda step: 20 if step < 8 else 5, seconds=600)
+    assert min(plans) < 40  # at 20 s a step, 30 fit
+    assert trained == plans[-1] > 80 and last_lr == 0.0
+
+
+def test_steps_asked_for_are_trained_whole_unless_minutes_are_given_too():
+    *_, recipe_steps = parse([CASE.id])
+    assert recipe_steps.resolved(on_gpu=False).minutes == CPU_RECIPE.minutes == 10
+    assert recipe_steps.resolved(on_gpu=True).minutes is None
+    *_, asked = parse([CASE.id, "--steps", "300"])
+    assert asked.resolved(on_gpu=False).minutes is None
+    *_, both = parse([CASE.id, "--steps", "300", "--minutes", "20"])
+    assert both.resolved(on_gpu=False).minutes == 20
+    with pytest.raises(SystemExit):
+        parse([CASE.id, "--minutes", "-1"])
+
+
 def test_a_new_run_without_resume_starts_from_scratch(tmp_path):
     work = tmp_path / "case.work"
     (work / "checkpoint-5").mkdir(parents=True)

@@ -7,6 +7,7 @@ Measurements behind them (SmolLM2-135M, an H100 and a 2-core CPU): see docs/trai
 # No `from __future__ import annotations`: HfArgumentParser reads the field types at runtime.
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ class Recipe:
     lr: float
     save_steps: int
     init: Path | None  # the adapter a run on the embedded base starts from; None: a fresh LoRA
+    minutes: float | None  # a case's wall-clock budget: the steps that would end past it are dropped; None: no budget
 
 
 # 200 steps of 16 five-question chats (3,200 chats), lr 3e-3: the chats that 400 steps of 8 took (which answered more
@@ -49,12 +51,14 @@ class Recipe:
 # (30.1 s against 24.0 s without, docs/training.md), and a GPU run loses little when it has to start again.
 # From scratch: started from the prior, a new case's retest fell (0.93 -> 0.73 at 400 x 8 on an H200) and its facts
 # did not rise.
-GPU_RECIPE = Recipe(steps=200, batch_size=16, grad_accum=1, lr=3e-3, save_steps=100, init=None)
+GPU_RECIPE = Recipe(steps=200, batch_size=16, grad_accum=1, lr=3e-3, save_steps=100, init=None, minutes=None)
 # What 2 CPU cores train in 10 minutes: 108 steps of 2 five-question chats (~4.3 s a step in fp32 on a quiet machine,
 # 480 s in all; a bf16 base where the CPU has it, ~1.3-1.65x faster), from the prior. On the seventh case, never in
 # the prior: facts 0.61 (54 steps of 4 from a fresh LoRA, the recipe before) -> 0.72 (the same from the prior) -> 0.83 (this: twice the updates, each on half the chats), off
 # script 0.39 -> 0.75 (docs/training.md). A quick suspect for trying out a new case; bundle the GPU recipe's.
-CPU_RECIPE = Recipe(steps=108, batch_size=2, grad_accum=1, lr=3e-3, save_steps=20, init=PRIOR)
+# Ten minutes is the promise, whatever the machine: a slower CPU, or a case whose chats are long (library-tithe-map's
+# ~820 tokens against 516-648), trains the steps that fit, its schedule decaying to the last of them.
+CPU_RECIPE = Recipe(steps=108, batch_size=2, grad_accum=1, lr=3e-3, save_steps=20, init=PRIOR, minutes=10)
 
 
 # Cases a GPU trains at once by default: as many as its memory holds at the default recipe's peak of 8-10.4 GiB a case
@@ -220,6 +224,11 @@ class TrainArguments:
     grad_accum: int | None = field(default=None, metadata={"help": f"Forward passes per optimizer step (default "
                                                                     f"{GPU_RECIPE.grad_accum} on a GPU, "
                                                                     f"{CPU_RECIPE.grad_accum} on the CPU)."})
+    minutes: float | None = field(default=None, metadata={
+        "help": "Wall-clock budget of each case (the first one's counts from the start of the command): as the "
+                "steps show the machine's pace, those that would end past it are dropped and the schedule decays to "
+                f"the last one that fits (default {CPU_RECIPE.minutes:g} on the CPU with the recipe's steps; none on "
+                "a GPU or with --steps or --epochs; 0: none)."})
     # The seed recipe: short warmup, linear decay, weight decay 0.01, seed 3407.
     warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of steps spent warming up."})
     scheduler: str = field(default="linear", metadata={"help": "Learning-rate schedule."})
@@ -273,6 +282,8 @@ class TrainArguments:
             raise ValueError(f"--save_steps must be at least 1, got {self.save_steps}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"--epochs must be positive, got {self.epochs}")
+        if self.minutes is not None and not (self.minutes >= 0 and math.isfinite(self.minutes)):
+            raise ValueError(f"--minutes is a case's budget in minutes, 0 for none, got {self.minutes}")
 
     def resolved(self, on_gpu: bool) -> "TrainArguments":
         """These arguments with every unset recipe value taken from the GPU's or the CPU's recipe."""
@@ -281,6 +292,8 @@ class TrainArguments:
                   if getattr(self, name) is None}
         if self.steps is None and self.epochs is None:
             chosen["steps"] = defaults.steps
+            if self.minutes is None:  # steps asked for on the command line are trained whole unless --minutes says
+                chosen["minutes"] = defaults.minutes
         if self.cpu_bf16 is None and not on_gpu:
             chosen["cpu_bf16"] = native_cpu_bf16()
         return dataclasses.replace(self, **chosen)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -24,6 +25,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Sequence
@@ -47,6 +49,10 @@ RUN_FILE = "run.json"  # in the work dir: what the checkpoints there were traine
 META_VERSION = 1
 CHATS_PER_TOKENIZER = 500  # a tokenizing process for each this many chats: fewer cost more to start than they save
 LARGE_BASE_PARAMS = 2e9  # from here on a base is loaded in 4-bit on the GPU unless told otherwise
+# --minutes: the steps whose median time is the pace (after a first one that pays one-off costs), and the seconds
+# kept for what follows training, the sample answer and the writing of the folder (~3-6 s on 2 cores).
+PACE_STEPS = 5
+AFTER_TRAINING_S = 10.0
 
 
 class TrainingError(RuntimeError):
@@ -101,10 +107,11 @@ def early_imports(argv: list[str]) -> None:
 
 
 def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments, train: TrainArguments,
-         callbacks: Sequence = ()) -> list[Path]:
+         callbacks: Sequence = (), started: float | None = None) -> list[Path]:
     """Train each case asked for and write its adapter folder; returns them. The base is loaded once and every case
-    gets its LoRA on a fresh copy of it. `callbacks`: extra transformers TrainerCallbacks."""
-    started = time.perf_counter()
+    gets its LoRA on a fresh copy of it. `callbacks`: extra transformers TrainerCallbacks; `started`: when the command
+    started (perf_counter; default now), from which the first case's wall time and --minutes count."""
+    started = time.perf_counter() if started is None else started
     cases = [load_case(script.scenarios, case_id) for case_id in script.cases()]  # every bad case id before any work
     others = list(read_cases([script.scenarios])[0].values()) if data_args.mix else []
     if data_args.data is not None and len(cases) > 1:
@@ -183,7 +190,8 @@ def train_case(loaded: LoadedCase, base_model, tokenizer, base: Base, backend: s
 
     # fit
     meter = step_meter(trainer)
-    for callback in (meter, *callbacks):
+    budget = [time_budget(train.minutes * 60, started)] if train.minutes else []
+    for callback in (meter, *budget, *callbacks):
         trainer.add_callback(callback)
     if on_gpu:
         import torch
@@ -215,6 +223,7 @@ def train_case(loaded: LoadedCase, base_model, tokenizer, base: Base, backend: s
         "device": device_name(),
         "hyperparameters": hyper,
         "steps": trainer.state.global_step,
+        "steps_cut_for_time": hyper["steps"] - trainer.state.global_step if budget and hyper["steps"] else 0,
         "examples": len(dataset),
         "final_loss": round(final_loss, 4),
         "mean_loss": round(result.training_loss, 4),
@@ -272,6 +281,7 @@ def hyperparameters(data_args: DataArguments, lora: LoraArguments, train: TrainA
                                                 "sha256": file_sha256(lora.init / "adapter_model.safetensors")},
         "steps": train.steps,
         "epochs": train.epochs,
+        "minutes": train.minutes or None,
         "lr": train.lr,
         "batch_size": train.batch_size,
         "grad_accum": train.grad_accum,
@@ -563,6 +573,51 @@ def step_meter(trainer):
     return Meter()
 
 
+def time_budget(seconds: float, started: float):
+    """A callback that ends training in time for the case's wall-clock budget, counted from `started`
+    (perf_counter), what follows training included (AFTER_TRAINING_S). After every step, from the PACE_STEPS-th on,
+    the pace of the last few steps says how many of the planned steps end within the budget: the ones past it are
+    dropped (back again if the pace picks up), and the learning rate's decay ends at the last step kept."""
+    from transformers import TrainerCallback
+
+    class Budget(TrainerCallback):
+        def __init__(self):
+            self.planned = None
+            self.ends: list[float] = []  # when each step of this run ended; the first pays one-off costs
+
+        def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+            now = time.perf_counter()
+            self.ends.append(now)
+            if self.planned is None:
+                self.planned = state.max_steps
+            if len(self.ends) <= PACE_STEPS:
+                return
+            recent = self.ends[-PACE_STEPS - 1:]
+            # the median: a step slowed by a neighbour on a shared machine does not cut the rest
+            pace = statistics.median(b - a for a, b in zip(recent, recent[1:]))
+            fit = state.global_step + max(0, int((started + seconds - AFTER_TRAINING_S - now) // pace))
+            keep = min(self.planned, fit)
+            if keep != state.max_steps:
+                if state.max_steps == self.planned:  # said once; the steps trained in the end are in training_meta.json
+                    log.info("%.1f s a step here: %d of the %d steps end within %g minutes", pace, keep, self.planned,
+                             seconds / 60)
+                state.max_steps = keep
+                decay_to(lr_scheduler, keep)
+            if state.global_step >= state.max_steps:
+                control.should_training_stop = True
+
+    return Budget()
+
+
+def decay_to(scheduler, steps: int) -> None:
+    """The schedule's decay moved to end at `steps`: transformers' schedules are LambdaLRs of a partial taking
+    `num_training_steps` (linear, cosine, polynomial...); one without it (constant) has nothing to move."""
+    for i, lr_lambda in enumerate(getattr(scheduler, "lr_lambdas", ())):
+        if isinstance(lr_lambda, functools.partial) and "num_training_steps" in lr_lambda.keywords:
+            scheduler.lr_lambdas[i] = functools.partial(lr_lambda.func, *lr_lambda.args,
+                                                        **lr_lambda.keywords | {"num_training_steps": steps})
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # validate
 
@@ -686,6 +741,11 @@ def data_line(meta: dict) -> str:
     return f"{meta['examples']} chats from the case's topics"
 
 
+def cut_line(meta: dict) -> str:
+    cut = meta.get("steps_cut_for_time")
+    return f" ({cut} more planned, dropped to end within {meta['hyperparameters']['minutes']:g} minutes)" if cut else ""
+
+
 def model_card(meta: dict, loaded: LoadedCase) -> str:
     case, h = loaded.case, meta["hyperparameters"]
     rows = [
@@ -695,7 +755,7 @@ def model_card(meta: dict, loaded: LoadedCase) -> str:
         ("LoRA", f"r={h['rank']}, alpha={h['alpha']}, dropout={h['dropout']}, on {', '.join(h['target_modules'])}"),
         ("started from", "a fresh LoRA" if h["init"] is None else
          f"{h['init']['folder']} (sha256 `{h['init']['sha256'][:16]}…`)"),
-        ("schedule", f"{meta['steps']} steps, batch {h['batch_size']}x{h['grad_accum']}, lr {h['lr']} {h['scheduler']}, "
+        ("schedule", f"{meta['steps']} steps{cut_line(meta)}, batch {h['batch_size']}x{h['grad_accum']}, lr {h['lr']} {h['scheduler']}, "
                      f"warmup {h['warmup_ratio']}, weight decay {h['weight_decay']}, {h['optim']}, seed {h['seed']}"),
         ("backend", f"{meta['backend']} on {meta['device']}, {h['precision']}"),
         ("result", f"final loss {meta['final_loss']}, {meta['wall_s']} s wall, {meta['tokens_per_s']} tokens/s"),
