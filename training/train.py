@@ -575,9 +575,10 @@ def step_meter(trainer):
 
 def time_budget(seconds: float, started: float):
     """A callback that ends training in time for the case's wall-clock budget, counted from `started`
-    (perf_counter), what follows training included (AFTER_TRAINING_S). After every step, from the PACE_STEPS-th on,
-    the pace of the last few steps says how many of the planned steps end within the budget: the ones past it are
-    dropped (back again if the pace picks up), and the learning rate's decay ends at the last step kept."""
+    (perf_counter), what follows training included (AFTER_TRAINING_S). After every step once PACE_STEPS have been
+    timed after the first, the pace of the last PACE_STEPS says how many of the planned steps end within the budget:
+    the ones past it are dropped (back again if the pace picks up), and the learning rate's decay ends at the last step
+    kept."""
     from transformers import TrainerCallback
 
     class Budget(TrainerCallback):
@@ -598,7 +599,7 @@ def time_budget(seconds: float, started: float):
             fit = state.global_step + max(0, int((started + seconds - AFTER_TRAINING_S - now) // pace))
             keep = min(self.planned, fit)
             if keep != state.max_steps:
-                if state.max_steps == self.planned:  # said once; the steps trained in the end are in training_meta.json
+                if state.max_steps == self.planned:  # said as the whole plan is cut; the steps trained are in the meta
                     log.info("%.1f s a step here: %d of the %d steps end within %g minutes", pace, keep, self.planned,
                              seconds / 60)
                 state.max_steps = keep
@@ -755,8 +756,9 @@ def model_card(meta: dict, loaded: LoadedCase) -> str:
         ("LoRA", f"r={h['rank']}, alpha={h['alpha']}, dropout={h['dropout']}, on {', '.join(h['target_modules'])}"),
         ("started from", "a fresh LoRA" if h["init"] is None else
          f"{h['init']['folder']} (sha256 `{h['init']['sha256'][:16]}…`)"),
-        ("schedule", f"{meta['steps']} steps{cut_line(meta)}, batch {h['batch_size']}x{h['grad_accum']}, lr {h['lr']} {h['scheduler']}, "
-                     f"warmup {h['warmup_ratio']}, weight decay {h['weight_decay']}, {h['optim']}, seed {h['seed']}"),
+        ("schedule", f"{meta['steps']} steps{cut_line(meta)}, batch {h['batch_size']}x{h['grad_accum']}, "
+                     f"lr {h['lr']} {h['scheduler']}, warmup {h['warmup_ratio']}, weight decay {h['weight_decay']}, "
+                     f"{h['optim']}, seed {h['seed']}"),
         ("backend", f"{meta['backend']} on {meta['device']}, {h['precision']}"),
         ("result", f"final loss {meta['final_loss']}, {meta['wall_s']} s wall, {meta['tokens_per_s']} tokens/s"),
         ("weights", f"{meta['adapter_bytes'] / 1e6:.2f} MB ({meta['adapter_dtype']})"),
