@@ -21,6 +21,9 @@
 #                                           seconds into the call; runs still training at $TRAIN_UNTIL are
 #                                           stopped; PACK="NAME ..." brings back only those variants' adapters;
 #                                           JOBS (default 7) trainings run at once
+#   bash benchmarks/gpu_recipe.sh runs NAME="CASE OPTIONS" ...
+#                                           one training per argument (a case at its own seed and start, say),
+#                                           $JOBS at once, each stopped at $TRAIN_UNTIL; adapters packed 4 a tarball
 # Everything lands in $OUT (at most 8 files come back from the device).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
@@ -125,5 +128,16 @@ elif [ "${1:-}" = variants ]; then
   done
   wait
   tar czf "$OUT/eval_and_logs.tgz" -C /tmp/r $(cd /tmp/r && ls -d eval-* train-*.log 2>/dev/null)
+elif [ "${1:-}" = runs ]; then
+  shift
+  for spec in "$@"; do
+    while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-8}" ]; do wait -n; done
+    # shellcheck disable=SC2086
+    timeout $(( ${TRAIN_UNTIL:-500} - SECONDS )) python3 -m training ${spec#*=} --output "/tmp/r/runs/${spec%%=*}" \
+      > "/tmp/r/train-${spec%%=*}.log" 2>&1 &
+  done
+  wait
+  pack runs /tmp/r/runs
+  tar czf "$OUT/train_logs.tgz" -C /tmp/r $(cd /tmp/r && ls train-*.log)
 fi
 ls -la "$OUT"
