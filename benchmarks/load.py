@@ -148,6 +148,15 @@ def play(url: str, p: int, case_id: str, args: Arguments, start: threading.Barri
     return game
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time a process has used, all its threads (Linux's /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def code_version() -> dict:
     """Which code was measured: the commit, and the game's files that differed from it."""
     def git(*args: str) -> str:
@@ -194,9 +203,13 @@ def main(args: Arguments) -> dict:
             with ThreadPoolExecutor(args.players) as pool:
                 futures = [pool.submit(play, url, p, cases[p % len(cases)], args, start) for p in range(args.players)]
                 start.wait()
-                began = time.perf_counter()
+                began, server_cpu, clients_cpu = time.perf_counter(), cpu_seconds(server.pid), time.process_time()
                 games = [f.result() for f in futures]
             wall = time.perf_counter() - began
+            # Where the machine's cores went: the server (engine and web tier), and these clients, which real
+            # players' browsers would not take from it.
+            server_cpu = None if server_cpu is None else cpu_seconds(server.pid) - server_cpu
+            clients_cpu = time.process_time() - clients_cpu
             checked = check(games, folder / "results.db")
         finally:
             server.terminate()
@@ -224,6 +237,8 @@ def main(args: Arguments) -> dict:
         "wall_s": round(wall, 2),
         "answers": len(answers),
         "answers_per_s": round(len(answers) / wall, 3),
+        "cpu_s": {"server": None if server_cpu is None else round(server_cpu, 1), "clients": round(clients_cpu, 1),
+                  "cores_x_wall": round((os.cpu_count() or 1) * wall, 1)},
         "games_per_minute": round(checked["games_finished"] / wall * 60, 2),
         "answer_latency_s": summary(answers, 3),
         "first_words_latency_s": summary([s for g in games for s in g["first_words_s"]], 3),

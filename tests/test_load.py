@@ -3,14 +3,17 @@ that asked, no request fails, every game is recorded. (benchmarks/load.py is the
 full-length answers.)"""
 
 import html
+import importlib.util
 import logging
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
 
-from conftest import INNOCENT_CASE, MINIMAL_CASE, connect, text_of, write_scenarios
+from conftest import INNOCENT_CASE, MINIMAL_CASE, ROOT, connect, text_of, write_scenarios
 from game.config import GameConfig
 from game.room import open_room
 
@@ -81,3 +84,20 @@ def test_the_server_says_when_every_case_s_system_prompt_is_computed(tmp_path, c
             time.sleep(0.1)
     assert "suspect ready: 2 cases' system prompts computed" in caplog.text
     assert sorted(room.cases) == sorted([INNOCENT_CASE["id"], MINIMAL_CASE["id"]])
+
+
+def test_the_load_benchmark_counts_the_cpu_time_a_process_takes():
+    spec = importlib.util.spec_from_file_location("load_benchmark", ROOT / "benchmarks" / "load.py")
+    load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)
+        first = load.cpu_seconds(busy.pid)
+        time.sleep(1.0)
+        second = load.cpu_seconds(busy.pid)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert 0 < first < second
+    assert load.cpu_seconds(busy.pid) is None  # gone
