@@ -44,7 +44,7 @@ class Recipe:
 # 200 steps of 16 five-question chats (3,200 chats), lr 3e-3: the chats that 400 steps of 8 took (which answered more
 # off-script questions from the right topic than 200 x 8 and stated more facts: 0.36-0.72 -> 0.68-0.84 off script) in
 # half the steps, now that a step no longer waits for trl's metrics: 58 s for the whole command on an H200 against 78 s
-# for 400 x 8. Five of the eight bundled adapters are this recipe, each within one answer of the 400 x 8 one it
+# for 400 x 8. Four of the eight bundled adapters are this recipe, each within one answer of the 400 x 8 one it
 # replaced; on two others no seed of eleven was (docs/training.md); 50 steps of 32 lost a quarter of the facts.
 # A checkpoint every 100 steps: every 10 (the CPU's rate) took a fifth of a 100-step run's training time on an H200
 # (30.1 s against 24.0 s without, docs/training.md), and a GPU run loses little when it has to start again.
