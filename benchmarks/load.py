@@ -203,13 +203,14 @@ def main(args: Arguments) -> dict:
             with ThreadPoolExecutor(args.players) as pool:
                 futures = [pool.submit(play, url, p, cases[p % len(cases)], args, start) for p in range(args.players)]
                 start.wait()
-                began, server_cpu, clients_cpu = time.perf_counter(), cpu_seconds(server.pid), time.process_time()
+                began, server_began, clients_began = time.perf_counter(), cpu_seconds(server.pid), time.process_time()
                 games = [f.result() for f in futures]
             wall = time.perf_counter() - began
             # Where the machine's cores went: the server (engine and web tier), and these clients, which real
-            # players' browsers would not take from it.
-            server_cpu = None if server_cpu is None else cpu_seconds(server.pid) - server_cpu
-            clients_cpu = time.process_time() - clients_cpu
+            # players' browsers would not take from it. None where /proc is missing or the server has gone.
+            server_ended = cpu_seconds(server.pid)
+            server_cpu = None if None in (server_began, server_ended) else server_ended - server_began
+            clients_cpu = time.process_time() - clients_began
             checked = check(games, folder / "results.db")
         finally:
             server.terminate()
