@@ -101,7 +101,8 @@ def test_metadata_ties_the_adapter_to_its_base_and_case(trained, scenarios, base
     assert meta["steps"] == 2 and meta["final_loss"] > 0 and meta["wall_s"] > 0 and meta["tokens_per_s"] > 0
     h = meta["hyperparameters"]
     assert (h["rank"], h["alpha"], h["dropout"], h["seed"], h["batch_size"]) == (4, 4, 0.0, 3407, 2)
-    assert (h["lr"], h["grad_accum"]) == (CPU_RECIPE.lr, CPU_RECIPE.grad_accum)  # the CPU's recipe where unset
+    # the CPU's recipe where unset, at its rate for a run that starts from the prior
+    assert (h["lr"], h["grad_accum"]) == (CPU_RECIPE.init_lr, CPU_RECIPE.grad_accum)
     assert h["optim"] == "adamw_torch" and h["weight_decay"] == 0.01 and h["scheduler"] == "linear"
     assert h["precision"] == ("bf16 base, fp32 LoRA" if native_cpu_bf16() else "fp32")
     assert meta["sample"]["question"] == CASE.probes[0].question and meta["sample"]["answer"]
@@ -468,15 +469,22 @@ def test_init_starts_from_an_adapters_weights(trained, scenarios, tmp_path):
 
 
 @pytest.mark.skipif(training.cuda_available(), reason="the GPU recipe starts from a fresh LoRA")
-def test_a_cpu_run_on_the_embedded_base_starts_from_the_prior_unless_told_otherwise(trained, scenarios, tmp_path):
+def test_a_cpu_run_on_the_embedded_base_starts_from_the_prior_unless_told_otherwise(trained, scenarios, tmp_path,
+                                                                                  monkeypatch):
     start, _ = trained  # built by the command line with the CPU's defaults
     meta = json.loads((start / "training_meta.json").read_text())
     assert meta["hyperparameters"]["init"]["sha256"] == file_sha256(PRIOR / "adapter_model.safetensors")
     assert f"| started from | {PRIOR} " in (start / "README.md").read_text()
     out = tmp_path / "fresh"
+    # The two starts train at the recipe's two rates (the CPU's recipe has one; here two, to tell them apart).
+    monkeypatch.setattr("training.config.CPU_RECIPE", replace(CPU_RECIPE, init_lr=CPU_RECIPE.lr / 2))
     training.main(*args(scenarios, out, "--fresh", "--steps", "1"))
-    assert json.loads((out / "training_meta.json").read_text())["hyperparameters"]["init"] is None
+    fresh = json.loads((out / "training_meta.json").read_text())["hyperparameters"]
+    assert fresh["init"] is None and fresh["lr"] == CPU_RECIPE.lr
     assert "| started from | a fresh LoRA |" in (out / "README.md").read_text()
+    training.main(*args(scenarios, tmp_path / "from-prior", "--steps", "1"))
+    assert json.loads((tmp_path / "from-prior" / "training_meta.json").read_text())["hyperparameters"]["lr"] == \
+        CPU_RECIPE.lr / 2
     with pytest.raises(SystemExit):
         parse([CASE.id, "--fresh", "--init", str(PRIOR)])
 
@@ -556,6 +564,8 @@ def test_defaults_are_the_bundled_recipe_on_a_gpu_and_a_ten_minute_one_on_the_cp
         chosen = train.resolved(on_gpu)
         assert (chosen.steps, chosen.batch_size, chosen.grad_accum, chosen.lr, chosen.save_steps) == (
             recipe.steps, recipe.batch_size, recipe.grad_accum, recipe.lr, recipe.save_steps)
+        assert train.resolved(on_gpu, from_init=True).lr == recipe.init_lr
+    assert GPU_RECIPE.init_lr < GPU_RECIPE.lr  # a LoRA that starts from an adapter's weights takes smaller steps
     assert GPU_RECIPE.steps * GPU_RECIPE.batch_size * GPU_RECIPE.grad_accum > CPU_RECIPE.steps * CPU_RECIPE.batch_size
 
 
@@ -564,6 +574,7 @@ def test_what_the_trainer_sets_wins_over_the_recipe():
     chosen = train.resolved(on_gpu=True)
     assert (chosen.steps, chosen.lr, chosen.batch_size, chosen.grad_accum, chosen.save_steps) == (
         7, 1e-4, 3, GPU_RECIPE.grad_accum, 2)
+    assert train.resolved(on_gpu=True, from_init=True).lr == 1e-4
     *_, by_epochs = parse([CASE.id, "--epochs", "2"])
     assert by_epochs.resolved(on_gpu=False).steps is None and by_epochs.resolved(on_gpu=False).epochs == 2
 

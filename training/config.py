@@ -35,29 +35,34 @@ class Recipe:
     steps: int
     batch_size: int
     grad_accum: int
-    lr: float
+    lr: float  # from a fresh LoRA
+    init_lr: float  # from an adapter (--init, or the recipe's own start): it starts near where the case's ends
     save_steps: int
     init: Path | None  # the adapter a run on the embedded base starts from; None: a fresh LoRA
     minutes: float | None  # a case's wall-clock budget: the steps that would end past it are dropped; None: no budget
 
 
-# 200 steps of 16 five-question chats (3,200 chats), lr 3e-3: the chats that 400 steps of 8 took (which answered more
+# 200 steps of 16 five-question chats (3,200 chats): the chats that 400 steps of 8 took (which answered more
 # off-script questions from the right topic than 200 x 8 and stated more facts: 0.36-0.72 -> 0.68-0.84 off script) in
 # half the steps, now that a step no longer waits for trl's metrics: 58 s for the whole command on an H200 against 78 s
-# for 400 x 8. Four of the eight bundled adapters are this recipe, each within one answer of the 400 x 8 one it
-# replaced; on two others no seed of eleven was (docs/training.md); 50 steps of 32 lost a quarter of the facts.
+# for 400 x 8; 50 steps of 32 lost a quarter of the facts. The learning rate by where the LoRA starts: a fresh one
+# has the whole way to go in half the steps of 400 x 8 (lr 3e-3: 1 of 12 seeds of the two fresh cases within one
+# answer of their 400 x 8 adapters on every figure; 4.5e-3: 5 of 8, off script up to 3 answers higher), one from an
+# adapter starts near the end (3e-3: 11 of 36 seeds of the six cases from training/prior; 2e-3: 12 of 22).
+# docs/training.md has every run.
 # A checkpoint every 100 steps: every 10 (the CPU's rate) took a fifth of a 100-step run's training time on an H200
 # (30.1 s against 24.0 s without, docs/training.md), and a GPU run loses little when it has to start again.
 # From scratch: started from the prior, a new case's retest fell (0.93 -> 0.73 at 400 x 8 on an H200) and its facts
 # did not rise.
-GPU_RECIPE = Recipe(steps=200, batch_size=16, grad_accum=1, lr=3e-3, save_steps=100, init=None, minutes=None)
+GPU_RECIPE = Recipe(steps=200, batch_size=16, grad_accum=1, lr=4.5e-3, init_lr=2e-3, save_steps=100, init=None,
+                    minutes=None)
 # What 2 CPU cores train in 10 minutes: 108 steps of 2 five-question chats (~4.3 s a step in fp32 on a quiet machine,
 # 480 s in all; a bf16 base where the CPU has it, ~1.3-1.65x faster), from the prior. On the seventh case, never in
 # the prior: facts 0.61 (54 steps of 4 from a fresh LoRA, the recipe before) -> 0.72 (the same from the prior) -> 0.83 (this: twice the updates, each on half the chats), off
 # script 0.39 -> 0.75 (docs/training.md). A quick suspect for trying out a new case; bundle the GPU recipe's.
 # Ten minutes is the promise, whatever the machine: a slower CPU, or a case whose chats are long (library-tithe-map's
 # ~820 tokens against 516-648), trains the steps that fit, its schedule decaying to the last of them.
-CPU_RECIPE = Recipe(steps=108, batch_size=2, grad_accum=1, lr=3e-3, save_steps=20, init=PRIOR, minutes=10)
+CPU_RECIPE = Recipe(steps=108, batch_size=2, grad_accum=1, lr=3e-3, init_lr=3e-3, save_steps=20, init=PRIOR, minutes=10)
 
 
 # Cases a GPU trains at once by default: as many as its memory holds at the default recipe's peak of 8-10.4 GiB a case
@@ -213,8 +218,9 @@ class TrainArguments:
     steps: int | None = field(default=None, metadata={"help": f"Optimizer steps (default {GPU_RECIPE.steps} on a GPU, "
                                                              f"{CPU_RECIPE.steps} on the CPU)."})
     epochs: float | None = field(default=None, metadata={"help": "Epochs over the data instead of --steps."})
-    lr: float | None = field(default=None, metadata={"help": f"Peak learning rate (default {GPU_RECIPE.lr} on a GPU, "
-                                                            f"{CPU_RECIPE.lr} on the CPU)."})
+    lr: float | None = field(default=None, metadata={"help": f"Peak learning rate (default on a GPU {GPU_RECIPE.lr} "
+                                                            f"from a fresh LoRA, {GPU_RECIPE.init_lr} from an adapter; "
+                                                            f"{CPU_RECIPE.init_lr} on the CPU)."})
     # On the CPU 2 chats at a time: activations of a 5-question chat cost ~1.2 GB in fp32, so 2 keep a run under
     # ~3.5 GB (8 at once took 7.5 GB) and are no slower per token than 4 or 8.
     batch_size: int | None = field(default=None, metadata={"help": f"Chats per forward pass (default "
@@ -284,11 +290,14 @@ class TrainArguments:
         if self.minutes is not None and not (self.minutes >= 0 and math.isfinite(self.minutes)):
             raise ValueError(f"--minutes is a case's budget in minutes, 0 for none, got {self.minutes}")
 
-    def resolved(self, on_gpu: bool) -> "TrainArguments":
-        """These arguments with every unset recipe value taken from the GPU's or the CPU's recipe."""
+    def resolved(self, on_gpu: bool, from_init: bool = False) -> "TrainArguments":
+        """These arguments with every unset recipe value taken from the GPU's or the CPU's recipe; from_init: the
+        LoRA starts from an adapter's weights (its learning rate is the recipe's init_lr)."""
         defaults = recipe(on_gpu)
-        chosen = {name: getattr(defaults, name) for name in ("batch_size", "grad_accum", "lr", "save_steps")
+        chosen = {name: getattr(defaults, name) for name in ("batch_size", "grad_accum", "save_steps")
                   if getattr(self, name) is None}
+        if self.lr is None:
+            chosen["lr"] = defaults.init_lr if from_init else defaults.lr
         if self.steps is None and self.epochs is None:
             chosen["steps"] = defaults.steps
             if self.minutes is None:  # steps asked for on the command line are trained whole unless --minutes says

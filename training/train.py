@@ -119,14 +119,14 @@ def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments,
     base = resolve(script.base)
     backend = choose_backend(script.backend, base)
     on_gpu = cuda_available()
-    train = train.resolved(on_gpu)
+    if base.spec == EMBEDDED:  # the recipe's starting adapter was trained on it, and fits no other base
+        lora = lora.resolved(recipe(on_gpu).init)
+    train = train.resolved(on_gpu, from_init=lora.init is not None)
     in_4bit = train.load_in_4bit if train.load_in_4bit is not None else on_gpu and _parameter_count(base) >= LARGE_BASE_PARAMS
     if in_4bit and not on_gpu:
         raise TrainingError("--load_in_4bit needs a CUDA GPU (bitsandbytes); the CPU trains the base unquantized")
     if train.compile and (backend != "hf" or not on_gpu):
         raise TrainingError("--compile is for --backend hf on a CUDA GPU (CUDA graphs; Unsloth compiles its own kernels)")
-    if base.spec == EMBEDDED:  # the recipe's starting adapter was trained on it, and fits no other base
-        lora = lora.resolved(recipe(on_gpu).init)
     if lora.init is not None:
         lora = from_init(lora, base)
     workers = script.workers(len(cases), on_gpu)
