@@ -12,6 +12,7 @@ import html
 import logging
 
 import gradio as gr
+import matplotlib
 
 from game.config import ConfigError, GameConfig
 from game.remote import EngineUnavailable
@@ -287,6 +288,10 @@ def build_app(room: Room, answers_at_once: int = ANSWERS_AT_ONCE) -> gr.Blocks:
 
 def launch(room: Room, answers_at_once: int = ANSWERS_AT_ONCE, **launch_args) -> gr.Blocks:
     """Serve the page as `make play` does, queue and theme included (the tests serve it through here too)."""
+    # Gradio asks matplotlib for its backend around every event it runs; while that is still matplotlib's "auto", the
+    # first ask imports pyplot, ~0.7 s holding the GIL in the middle of the first players' answers. The page draws no
+    # plot on a display: Agg from the start.
+    matplotlib.use("agg")
     # Other events are quick: at most four of each at once, more players wait in Gradio's queue, which shows their place.
     demo = build_app(room, answers_at_once).queue(default_concurrency_limit=4)
     demo.launch(theme=THEME, js=PAGE_JS, css=CSS, **launch_args)

@@ -9,10 +9,11 @@ checked in the same pass as the token before it (speculative decoding): every to
 ~1.5x as many a second.
 
 Many players at once: every conversation is a llama.cpp sequence, and all the sequences of one case go through one
-`llama_decode` a step (a new question's prompt beside the others' next tokens). llama.cpp applies LoRA adapters to a
-whole context, not per sequence, so each case has its own context over the one model, its adapter set once: a step
-decodes each case's batch, the cases side by side on the cores (docs/speed.md#many-players-at-once says why not one
-context switching adapters).
+`llama_decode` a pass (a new question's prompt beside the others' next tokens). llama.cpp applies LoRA adapters to a
+whole context, not per sequence, so each case has its own context over the one model, its adapter set once
+(docs/speed.md#many-players-at-once says why not one context switching adapters). Lanes, one per core, run the cases'
+passes side by side, each lane starting another as soon as its pass ends: first the case of a question still short of
+its first words, then the case of the answer asked longest ago.
 A case's system prompt is computed once into its sequence 0, which new conversations share (`llama_memory_seq_cp`);
 a conversation's KV stays in its sequence for its next question, and is saved aside when room is short.
 """
@@ -23,6 +24,7 @@ import ctypes
 import hashlib
 import importlib.util
 import logging
+import math
 import os
 import queue
 import shutil
@@ -60,6 +62,7 @@ KV_CELLS = 4096  # a case's KV: its system prompt and ~8 whole conversations at 
 SEQUENCES = 32  # a case's system prompt and up to 31 conversations kept at once
 BATCH_TOKENS = 512  # the most tokens in one llama_decode
 PREFILL_CHUNK = 128  # the most tokens of one prompt in a pass: a long one does not hold everyone's next token up
+FIRST_WORDS_TOKENS = 4  # an answer's first words, about: its case's pass goes before those of answers under way
 
 
 @contextmanager
@@ -226,8 +229,7 @@ class LlamaCppEngine:
         self.lanes = lanes or _env_count("IR_LANES") or max(1, cores // self.threads_together)
         # Each case's pass is a llama_decode of its own context, which releases the GIL: passes of different cases
         # share no threads, so a descheduled one stalls only its own case (unlike ggml's threads within one pass).
-        self._lanes = ThreadPoolExecutor(self.lanes, thread_name_prefix="suspect-llama.cpp-lane") \
-            if self.lanes > 1 else None
+        self._lanes = ThreadPoolExecutor(self.lanes, thread_name_prefix="suspect-llama.cpp-lane")
         env_drafts = _env_count("IR_DRAFT_TOKENS")
         if draft_tokens is None:
             draft_tokens = DRAFT_TOKENS if env_drafts is None else env_drafts
@@ -258,7 +260,9 @@ class LlamaCppEngine:
         self._adapters: dict[str, object] = {}  # name -> llama_adapter_lora pointer
         self._cache = PrefixCache(kv_cache_mb << 20)  # conversations moved out of their context for room
         self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._pass_ended = threading.Condition(self._lock)
+        self._running: dict[_Context, int] = {}  # contexts in a pass -> the lanes it holds
+        self._queue: queue.SimpleQueue[Request | None] = queue.SimpleQueue()  # None: a pass ended
         self._players: deque[Request] = deque()
         self._warm_ups: deque[Request] = deque()
         start_worker(self, "suspect-llama.cpp")
@@ -278,6 +282,8 @@ class LlamaCppEngine:
             self._adapters[name] = adapter
             old = self._contexts.pop(name, None)  # its KV was computed with the old weights
             if old is not None:
+                while old in self._running:
+                    self._pass_ended.wait()
                 old.fail(RuntimeError(f"adapter {name} was replaced"))
                 old.close()
             self._cache.drop(name)
@@ -291,37 +297,71 @@ class LlamaCppEngine:
         return request
 
     def work(self) -> None:
-        """One step: take the queued requests that fit, then one pass of every case's batch."""
-        busy = any(c.answering() for c in self._contexts.values())
+        """Take the queued requests, give each waiting one a sequence where its case's context is between passes, and
+        start a pass of every case with answers in progress that a free lane can take. There is no step that every
+        case waits for: a lane starts the next case's pass as soon as its last one ends, the case whose answers are
+        due soonest first (_Context.due; docs/speed.md)."""
         try:
-            waiting = busy or self._players or self._warm_ups
-            item = self._queue.get_nowait() if waiting else self._queue.get(timeout=IDLE_POLL_S)
+            item = self._queue.get_nowait() if self._can_start() else self._queue.get(timeout=IDLE_POLL_S)
             while True:
-                (self._warm_ups if item.background else self._players).append(item)
+                if item is not None:
+                    (self._warm_ups if item.background else self._players).append(item)
                 item = self._queue.get_nowait()
         except queue.Empty:
             pass
         with self._lock:
             self._admit(self._players)
-            if not any(c.answering() for c in self._contexts.values()):
+            if not self._running and not any(c.answering() for c in self._contexts.values()):
                 self._admit(self._warm_ups, most=1)  # one at a time: a system prompt holds every player's pass up
-            answering = sum(c.answering() for c in self._contexts.values())
-            active = [c for c in self._contexts.values() if c.answering()]
-            for context in active:
-                threads = (self.threads, self.threads_batch) if answering <= 1 else (self.threads_together,) * 2
-                context.use_threads(*threads)
-            crowded = [answering > context.answering() for context in active]
-            if self._lanes is not None and len(active) > 1:
-                # A pass's own errors end in _step_or_fail; the pool refuses work only once the interpreter exits.
-                try:
-                    list(self._lanes.map(self._step_or_fail, active, crowded))
-                except RuntimeError:
-                    return
-            else:
-                for context, others in zip(active, crowded):
-                    self._step_or_fail(context, others)
-        if (self._players or self._warm_ups) and not any(c.answering() for c in self._contexts.values()):
-            time.sleep(0.01)  # a request that fits nowhere yet, and nothing to step: do not spin
+            started = self._start_passes()
+        if not started and (self._players or self._warm_ups) and self._can_start():
+            time.sleep(0.01)  # a request that fits nowhere yet, and no pass to wait for: do not spin
+
+    def _idle(self) -> list[_Context]:
+        """Contexts with answers in progress and no pass running (only these may be read: a lane owns the others)."""
+        return [c for c in self._contexts.values() if c not in self._running and c.answering()]
+
+    def _can_start(self) -> bool:
+        """Whether there is work to start without waiting for a request or a pass to end."""
+        with self._lock:
+            free = self.lanes - sum(self._running.values())
+            waiting = any(self._contexts.get(r.adapter) not in self._running for r in self._players)
+            return free > 0 and (bool(self._idle()) or waiting or (not self._running and bool(self._warm_ups)))
+
+    def _start_passes(self) -> int:
+        """Hand free lanes the passes due, most urgent first. Under the lock."""
+        idle = self._idle()
+        answering = sum(c.answering() for c in idle) + sum(c.held for c in self._running)
+        idle.sort(key=_Context.due)
+        free, started = self.lanes - sum(self._running.values()), 0
+        for context in idle:
+            alone = answering <= 1 and not self._running
+            lanes = self.lanes if alone else 1
+            if lanes > free:
+                break
+            context.use_threads(*((self.threads, self.threads_batch) if alone else (self.threads_together,) * 2))
+            context.held = context.answering()
+            self._running[context] = lanes
+            free -= lanes
+            try:
+                self._lanes.submit(self._pass, context, answering > context.held)
+            except RuntimeError:  # the pool refuses work only once the interpreter exits
+                del self._running[context]
+                return started
+            started += 1
+        return started
+
+    def _pass(self, c: _Context, crowded: bool) -> None:
+        try:
+            self._step(c, crowded)
+        except Exception as exc:
+            log.exception("generation failed")
+            c.fail(exc)
+        finally:
+            with self._lock:
+                del self._running[c]
+                self._pass_ended.notify_all()
+            self._queue.put(None)  # the worker may start this case's next pass, or a waiting request in it
 
     def _context(self, adapter: str | None) -> _Context:
         context = self._contexts.get(adapter)
@@ -356,7 +396,8 @@ class LlamaCppEngine:
                 r.tokens.put(None)
                 continue
             try:
-                if not self._place(self._context(r.adapter), r):
+                context = self._context(r.adapter)
+                if context in self._running or not self._place(context, r):  # a lane owns a running context
                     waiting.append(r)
             except Exception as exc:
                 log.exception("could not start an answer")
@@ -416,13 +457,6 @@ class LlamaCppEngine:
             return False
         s.tokens, s.shared = list(tokens), 0
         return True
-
-    def _step_or_fail(self, c: _Context, crowded: bool) -> None:
-        try:
-            self._step(c, crowded)
-        except Exception as exc:
-            log.exception("generation failed")
-            c.fail(exc)
 
     def _step(self, c: _Context, crowded: bool) -> None:
         """One llama_decode of every answering sequence of the context: a chunk of a new prompt, or the last chosen
@@ -563,11 +597,19 @@ class _Context:
         self.batch = lib.llama_batch_init(BATCH_TOKENS, 0, 1)  # its own: passes of several contexts run at once
         self.cells, self.n_sequences, self.draft_tokens = cells, sequences, draft_tokens
         self.threads: tuple[int, int] | None = None
+        self.held = 0  # answers in progress when its running pass started (a lane owns it while it runs)
         self.system: list[int] = []
         self.sequences: dict[int, _Sequence] = {}
 
     def answering(self) -> int:
         return sum(s.request is not None for s in self.sequences.values())
+
+    def due(self) -> tuple[bool, float]:
+        """Its most urgent answer in progress, as a sort key: one still short of its first words (FIRST_WORDS_TOKENS)
+        before any other, then the one asked longest ago."""
+        answers = [s for s in self.sequences.values() if s.request is not None]
+        starting = [s.request.submitted for s in answers if len(s.answer) < FIRST_WORDS_TOKENS]
+        return (not starting, min(starting or [s.request.submitted for s in answers], default=math.inf))
 
     def use_threads(self, threads: int, threads_batch: int) -> None:
         if self.threads != (threads, threads_batch):
@@ -622,9 +664,8 @@ def _env_count(name: str) -> int | None:
     return int(value)
 
 
-def _free(lib, model, contexts: dict, lanes: ThreadPoolExecutor | None) -> None:
-    if lanes is not None:
-        lanes.shutdown(wait=False)
+def _free(lib, model, contexts: dict, lanes: ThreadPoolExecutor) -> None:
+    lanes.shutdown(wait=False)
     for context in contexts.values():
         context.close()
     contexts.clear()

@@ -3,10 +3,10 @@ players at once as it answers each alone.
 
 Skipped where llama-cpp-python is not installed (the game then runs the torch engine)."""
 
-from pathlib import Path
-
+import queue
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +15,7 @@ pytest.importorskip("llama_cpp")
 from game import adapters as adapter_files  # noqa: E402
 from game.drafts import Drafts  # noqa: E402
 from game.engine import Request  # noqa: E402
-from game.llamacpp import LlamaCppEngine, bf16_gguf, gguf_of  # noqa: E402
+from game.llamacpp import FIRST_WORDS_TOKENS, LlamaCppEngine, bf16_gguf, gguf_of  # noqa: E402
 from game.prompt import chat  # noqa: E402
 from game.scenario import load_cases  # noqa: E402
 from game.session import Exchange  # noqa: E402
@@ -222,6 +222,42 @@ def test_players_answered_together_get_their_answers_alone(suspects, case_and_ad
         thread.join()
     assert [ended[i][0] for i in range(len(requests))] == alone
     assert max(r.first_token for r in requests) < min(at for _, at in ended.values())
+
+
+class Timed(queue.Queue):
+    """A request's tokens, each with when the engine handed it out."""
+
+    def __init__(self):
+        super().__init__()
+        self.at: list[float] = []
+
+    def put(self, item, block=True, timeout=None):
+        self.at.append(time.perf_counter())
+        super().put(item, block, timeout)
+
+
+def test_a_new_question_has_its_first_words_before_answers_under_way_go_on(base, case_and_adapter):
+    # One lane, one token a pass, two cases: the bare base answering at length, then the case asked. The lane takes the
+    # new question's case until its answer has its first words (at most the pass already running of the other comes
+    # between), then the longest-waiting answer until it is whole, then the newer one.
+    case, info = case_and_adapter
+    suspect = small_suspect(base, info, lanes=1)
+    engine = suspect._engine
+
+    def submit(adapter):
+        prompt, prefix = suspect._prompt(case, chat(case, [], QUESTIONS[0]))
+        return engine.submit(Request(prompt, adapter, prefix, TOKENS, 1.1, tokens=Timed()))
+
+    under_way = submit(None)
+    while len(under_way.tokens.at) < FIRST_WORDS_TOKENS + 2:
+        time.sleep(0.005)
+    asked = time.perf_counter()
+    new = submit(case.id)
+    answers = read(under_way), read(new)
+    assert len(answers[0]) > FIRST_WORDS_TOKENS + 4 and len(answers[1]) > FIRST_WORDS_TOKENS, answers
+    first_words = new.tokens.at[FIRST_WORDS_TOKENS - 1]
+    assert sum(asked < at < first_words for at in under_way.tokens.at) <= 1
+    assert new.tokens.at[FIRST_WORDS_TOKENS] > under_way.tokens.at[-1]  # the older answer went on first, to its end
 
 
 def test_guessing_players_answered_together_get_their_answers_alone(suspects, case_and_adapter):
