@@ -324,16 +324,19 @@ class LlamaCppEngine:
     def _can_start(self) -> bool:
         """Whether there is work to start without waiting for a request or a pass to end."""
         with self._lock:
-            free = self.lanes - sum(self._running.values())
             waiting = any(self._contexts.get(r.adapter) not in self._running for r in self._players)
-            return free > 0 and (bool(self._idle()) or waiting or (not self._running and bool(self._warm_ups)))
+            return self._free_lanes() > 0 and (bool(self._idle()) or waiting or
+                                               (not self._running and bool(self._warm_ups)))
+
+    def _free_lanes(self) -> int:
+        return self.lanes - sum(self._running.values())
 
     def _start_passes(self) -> int:
         """Hand free lanes the passes due, most urgent first. Under the lock."""
         idle = self._idle()
         answering = sum(c.answering() for c in idle) + sum(c.held for c in self._running)
         idle.sort(key=_Context.due)
-        free, started = self.lanes - sum(self._running.values()), 0
+        free, started = self._free_lanes(), 0
         for context in idle:
             alone = answering <= 1 and not self._running
             lanes = self.lanes if alone else 1
