@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import html
 import logging
+import os
 
 import gradio as gr
 import matplotlib
@@ -292,6 +293,9 @@ def launch(room: Room, answers_at_once: int = ANSWERS_AT_ONCE, **launch_args) ->
     # first ask imports pyplot, ~0.7 s holding the GIL in the middle of the first players' answers. The page draws no
     # plot on a display: Agg from the start.
     matplotlib.use("agg")
+    # Gradio's queue sums up every event it has run (a pandas table of up to 10,000, for its API page's timings) each
+    # time one ends: with 20 players ~8% of the 2 cores, and growing with the server's age. Once in 1,000 events.
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
     # Other events are quick: at most four of each at once, more players wait in Gradio's queue, which shows their place.
     demo = build_app(room, answers_at_once).queue(default_concurrency_limit=4)
     demo.launch(theme=THEME, js=PAGE_JS, css=CSS, **launch_args)

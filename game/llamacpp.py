@@ -2,7 +2,8 @@
 
 llama.cpp reads the base as it is stored (Q4_1), or where the CPU does bf16 natively in BF16 (made once from the
 GGUF: the values the adapters were trained against, and twice as fast for a pass of many tokens); on a 2-core CPU
-that is ~5x the tokens/s of the torch engine. The adapter is applied beside the base, unmerged. Decoding is the
+that is ~5x the tokens/s of the torch engine. In BF16 each case's adapter is merged into its own copy of the weights
+(game.llamacpp_files); beside a quantized base it is applied unmerged. Decoding is the
 game's own: greedy with transformers' repetition penalty over every token seen, so answers match the torch path's up
 to llama.cpp's arithmetic. Where the case's own material guesses how an answer goes on (game.drafts), the guess is
 checked in the same pass as the token before it (speculative decoding): every token is still the model's choice,
@@ -10,7 +11,7 @@ checked in the same pass as the token before it (speculative decoding): every to
 
 Many players at once: every conversation is a llama.cpp sequence, and all the sequences of one case go through one
 `llama_decode` a pass (a new question's prompt beside the others' next tokens). llama.cpp applies LoRA adapters to a
-whole context, not per sequence, so each case has its own context over the one model, its adapter set once
+whole context, not per sequence, so each case has its own context over its weights (its adapter set once, or merged)
 (docs/speed.md#many-players-at-once says why not one context switching adapters). Lanes, one per core, run the cases'
 passes side by side, each lane starting another as soon as its pass ends: first the case of a question still short of
 its first words, then the case of the answer asked longest ago.
@@ -21,14 +22,11 @@ a conversation's KV stays in its sequence for its next question, and is saved as
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import importlib.util
 import logging
 import math
 import os
 import queue
-import shutil
-import tempfile
 import threading
 import time
 import weakref
@@ -39,17 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
-from game.base import EMBEDDED, Base, cache_dir, embedded_gguf, file_sha256, native_cpu_bf16
+from game.base import EMBEDDED, Base, embedded_gguf, native_cpu_bf16
 from game.config import ConfigError
-from game.engine import GROUP_OF, IDLE_POLL_S, PrefixCache, Request, common_prefix, read_lora, start_worker
+from game.engine import IDLE_POLL_S, PrefixCache, Request, common_prefix, start_worker
+from game.llamacpp_files import bf16_gguf, gguf_lora, merged_gguf
 
 log = logging.getLogger(__name__)
 
-LORA_FORMAT = "v1"  # bump when to_gguf_lora changes what it writes
-# transformers' projection names -> llama.cpp's tensor names
-GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 KV_CACHE_MB = 256  # conversations saved aside for room (23 kB a token on the 135M base: ~20 conversations)
 DRAFT_TOKENS = 5  # a lone player's guesses (game.drafts) checked at once: measured best on 2 cores, docs/speed.md
 DRAFT_BUDGET = 12  # a case's pass holds guesses only up to this many tokens in all: with many players the pass is
@@ -113,90 +109,6 @@ def unavailable_reason(base: Base, device: str) -> str:
     return "the llama.cpp engine needs llama-cpp-python: pip install llama-cpp-python"
 
 
-def bf16_gguf(gguf: Path) -> Path:
-    """The GGUF with its weights in BF16, made once into the cache (llama.cpp's own llama_model_quantize). These are
-    the values the adapters were trained against: the training base is this GGUF dequantized, run in bf16."""
-    import llama_cpp
-
-    out = cache_dir() / f"{gguf.stem}-{file_sha256(gguf)[:16]}-bf16.gguf"
-    if out.is_file():
-        return out
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_BF16, True
-    params.nthread = os.cpu_count() or 1
-    with _written_whole(out) as tmp:
-        if llama_cpp.llama_model_quantize(str(gguf).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
-            raise RuntimeError(f"llama.cpp could not write {gguf.name} in BF16")
-    return out
-
-
-@contextmanager
-def _written_whole(out: Path):
-    """A path to write `out` at, beside it, moved onto it once the block ends without error: a reader of the cache
-    never sees half a file, and a failed write leaves nothing."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent)) / out.name
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
-
-
-def _permute(w, n_head: int):
-    # llama.cpp stores q and k with the rotary halves interleaved (convert_hf_to_gguf's LlamaModel.permute); a
-    # LoRA's B writes those rows, so its rows move the same way.
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def to_gguf_lora(folder: Path, out: Path, config) -> None:
-    """Write a PEFT LoRA folder as a llama.cpp GGUF LoRA (fp32, scaling folded into B), atomically."""
-    import gguf
-
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    i, h = config.intermediate_size, config.hidden_size
-    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-    weights = read_lora(folder, config.num_hidden_layers, shapes)
-    with _written_whole(out) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), "llama")
-        writer.add_string("general.type", "adapter")
-        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)  # 0: scale 1, the scaling is already in B
-        for (layer, name), (a, b) in sorted(weights.items()):
-            if name == "q_proj":
-                b = _permute(b, config.num_attention_heads)
-            elif name == "k_proj":
-                b = _permute(b, config.num_key_value_heads)
-            base_name = f"blk.{layer}.{GGUF_NAMES[name]}.weight"
-            writer.add_tensor(base_name + ".lora_a", a.contiguous().numpy().astype(np.float32))
-            writer.add_tensor(base_name + ".lora_b", b.contiguous().numpy().astype(np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-
-
-def _digest(folder: Path) -> str:
-    h = hashlib.sha256(LORA_FORMAT.encode())
-    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
-        if (folder / name).is_file():
-            h.update(name.encode() + (folder / name).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def gguf_lora(folder: Path, config) -> Path:
-    """The adapter folder as a GGUF LoRA in the cache, converted on first use (config: the base's AutoConfig)."""
-    out = cache_dir() / "lora-gguf" / f"{_digest(folder)}.gguf"
-    if not out.is_file():
-        to_gguf_lora(folder, out, config)
-    return out
-
-
-assert set(GGUF_NAMES) == set(GROUP_OF)
-
-
 class LlamaCppEngine:
     """A worker thread answering every player's request with llama.cpp, each case's players in one batch. Thread-safe.
     """
@@ -204,7 +116,8 @@ class LlamaCppEngine:
     def __init__(self, gguf: Path, eos: set[int], config_path: str | None = None, n_ctx: int = 2048,
                  threads: int | None = None, threads_batch: int | None = None, draft_tokens: int | None = None,
                  kv_cells: int = KV_CELLS, sequences: int = SEQUENCES, threads_together: int | None = None,
-                 kv_cache_mb: int = KV_CACHE_MB, lanes: int | None = None, bf16: bool | None = None):
+                 kv_cache_mb: int = KV_CACHE_MB, lanes: int | None = None, bf16: bool | None = None,
+                 merge: bool | None = None):
         """config_path: the transformers folder of the same base (for the adapters' shapes); default: resolved.
         n_ctx: the longest conversation, in tokens; kv_cells and sequences: each case's KV, and how many sequences
         it holds (its system prompt's and its conversations'); kv_cache_mb: conversations saved aside. threads
@@ -213,7 +126,9 @@ class LlamaCppEngine:
         THREADS_TOGETHER. lanes: cases whose passes run at once then, each on its own threads_together; default
         $IR_LANES, else as many as the cores hold. draft_tokens: the most guessed tokens checked in one pass (0:
         none); default $IR_DRAFT_TOKENS, else DRAFT_TOKENS. bf16: serve the base's weights in BF16 (bf16_gguf)
-        rather than as stored; default $IR_BF16 (0 or 1), else where the CPU does bf16 natively."""
+        rather than as stored; default $IR_BF16 (0 or 1), else where the CPU does bf16 natively. merge: each adapter
+        merged into its own copy of the BF16 weights (merged_gguf) rather than applied beside them; default: where
+        they are BF16 (a quantized base keeps its adapters beside it: merging would round their deltas away)."""
         import llama_cpp
 
         self._lib = lib = llama_cpp
@@ -247,17 +162,19 @@ class LlamaCppEngine:
             bf16 = env_bf16 == "1" if env_bf16 else native_cpu_bf16()
         # A pass of many tokens (several players, guesses, a prompt) runs 2.1-2.3x faster in BF16 than in Q4_1 on an
         # AVX512-BF16 core, one of 1-4 tokens alike (docs/speed.md); without native bf16 the stored type is faster.
-        served = bf16_gguf(gguf) if bf16 else gguf
+        self._served = bf16_gguf(gguf) if bf16 else gguf
         self.weights = "BF16" if bf16 else "as stored"
-        self._model = lib.llama_model_load_from_file(str(served).encode(), params)
-        if not self._model:
-            raise ValueError(f"llama.cpp could not load {served}")
+        if merge and not bf16:
+            raise ValueError("adapters are merged only into BF16 weights")
+        self.merged = bf16 if merge is None else merge  # merged, a case's pass costs what the base's does
+        self._model_params = params
+        self._model = self._load_model(self._served)
         self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model))
         self._contexts: dict[str | None, _Context] = {}
-        self._finalizer = weakref.finalize(self, _free, lib, self._model, self._contexts, self._lanes)
-        self._finalizer.atexit = False  # at exit the process goes anyway, perhaps with the worker mid-pass
         self._config = None
-        self._adapters: dict[str, object] = {}  # name -> llama_adapter_lora pointer
+        self._adapters: dict[str, _Adapter] = {}
+        self._finalizer = weakref.finalize(self, _free, lib, self._model, self._contexts, self._adapters, self._lanes)
+        self._finalizer.atexit = False  # at exit the process goes anyway, perhaps with the worker mid-pass
         self._cache = PrefixCache(kv_cache_mb << 20)  # conversations moved out of their context for room
         self._lock = threading.Lock()
         self._pass_ended = threading.Condition(self._lock)
@@ -275,10 +192,15 @@ class LlamaCppEngine:
 
             self._config = AutoConfig.from_pretrained(self.config_path or resolve(str(self.gguf)).path)
         out = gguf_lora(folder, self._config)
-        with self._lock:
-            adapter = self._lib.llama_adapter_lora_init(self._model, str(out).encode())
-            if not adapter:
+        if self.merged:
+            adapter = _Adapter(self._load_model(merged_gguf(self._served, out)), None)
+        else:
+            lora = self._lib.llama_adapter_lora_init(self._model, str(out).encode())
+            if not lora:
                 raise ValueError(f"llama.cpp could not read the converted adapter {out}")
+            adapter = _Adapter(self._model, lora)
+        with self._lock:
+            replaced = self._adapters.get(name)
             self._adapters[name] = adapter
             old = self._contexts.pop(name, None)  # its KV was computed with the old weights
             if old is not None:
@@ -287,6 +209,14 @@ class LlamaCppEngine:
                 old.fail(RuntimeError(f"adapter {name} was replaced"))
                 old.close()
             self._cache.drop(name)
+        if replaced is not None:
+            replaced.free(self._lib, self._model)
+
+    def _load_model(self, path: Path):
+        model = self._lib.llama_model_load_from_file(str(path).encode(), self._model_params)
+        if not model:
+            raise ValueError(f"llama.cpp could not load {path}")
+        return model
 
     def submit(self, request: Request) -> Request:
         if len(request.prompt) + request.max_new_tokens > self.max_len:
@@ -377,12 +307,17 @@ class LlamaCppEngine:
             # a batch takes any sequences in any order (per-sequence buffers split a batch by sequence id).
             params.kv_unified = True
             params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # llama-cpp-python's default: same answers
+            if self.weights == "BF16":
+                # The KV in bf16, as the adapters were trained with it (torch's bf16 attention), rather than fp16:
+                # a pass 3-14% quicker (docs/speed.md).
+                params.type_k = params.type_v = int(GGMLQuantizationType.BF16)
             params.n_threads, params.n_threads_batch = self.threads, self.threads_batch
-            ctx = lib.llama_init_from_model(self._model, params)
+            chosen = self._adapters.get(adapter) if adapter is not None else None
+            ctx = lib.llama_init_from_model(self._model if chosen is None else chosen.model, params)
             if not ctx:
                 raise RuntimeError("llama.cpp could not make a context")
-            if adapter is not None:
-                adapters = (lib.llama_adapter_lora_p_ctypes * 1)(self._adapters[adapter])
+            if chosen is not None and chosen.lora is not None:
+                adapters = (lib.llama_adapter_lora_p_ctypes * 1)(chosen.lora)
                 if lib.llama_set_adapters_lora(ctx, adapters, 1, (ctypes.c_float * 1)(1.0)) != 0:
                     lib.llama_free(ctx)
                     raise RuntimeError(f"llama.cpp could not apply adapter {adapter}")
@@ -555,6 +490,18 @@ class LlamaCppEngine:
             c.drop(s)
 
 
+@dataclass
+class _Adapter:
+    """A case's weights: its own merged model (lora None), or the base's model with its LoRA applied beside it."""
+    model: object
+    lora: object | None
+
+    def free(self, lib, base_model) -> None:
+        # A LoRA goes with its model (llama.cpp frees a model's adapters with it); only a merged model is the case's.
+        if self.model is not base_model:
+            lib.llama_model_free(self.model)
+
+
 @dataclass(eq=False)
 class _Sequence:
     """One conversation's KV in its case's context (llama.cpp sequence `seq`), and the answer it is giving."""
@@ -667,11 +614,14 @@ def _env_count(name: str) -> int | None:
     return int(value)
 
 
-def _free(lib, model, contexts: dict, lanes: ThreadPoolExecutor) -> None:
+def _free(lib, model, contexts: dict, adapters: dict, lanes: ThreadPoolExecutor) -> None:
     lanes.shutdown(wait=False)
     for context in contexts.values():
         context.close()
     contexts.clear()
+    for adapter in adapters.values():
+        adapter.free(lib, model)
+    adapters.clear()
     lib.llama_model_free(model)
 
 

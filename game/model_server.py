@@ -53,7 +53,7 @@ def llama_cpp_config(base: Base, adapters: dict[str, Path], host: str, port: int
     """llama-cpp-python's server config: one model entry for the base, one per case with its GGUF LoRA beside it."""
     from transformers import AutoConfig
 
-    from game import llamacpp
+    from game import llamacpp, llamacpp_files
 
     gguf = llamacpp.gguf_of(base)
     if gguf is None:
@@ -67,7 +67,7 @@ def llama_cpp_config(base: Base, adapters: dict[str, Path], host: str, port: int
         "verbose": False,
     }
     models = [model | {"model_alias": BASE_NAME}]
-    models += [model | {"model_alias": case_id, "lora_path": str(llamacpp.gguf_lora(folder, shape))}
+    models += [model | {"model_alias": case_id, "lora_path": str(llamacpp_files.gguf_lora(folder, shape))}
                for case_id, folder in adapters.items()]
     # interrupt_requests: its default cuts a player's answer short whenever another player's question arrives.
     return {"host": host, "port": port, "interrupt_requests": False, "models": models} | (

@@ -15,7 +15,8 @@ pytest.importorskip("llama_cpp")
 from game import adapters as adapter_files  # noqa: E402
 from game.drafts import Drafts  # noqa: E402
 from game.engine import Request  # noqa: E402
-from game.llamacpp import FIRST_WORDS_TOKENS, LlamaCppEngine, bf16_gguf, gguf_of  # noqa: E402
+from game.llamacpp import FIRST_WORDS_TOKENS, LlamaCppEngine, gguf_of  # noqa: E402
+from game.llamacpp_files import bf16_gguf, gguf_lora, merged_gguf  # noqa: E402
 from game.prompt import chat  # noqa: E402
 from game.scenario import load_cases  # noqa: E402
 from game.session import Exchange  # noqa: E402
@@ -105,6 +106,71 @@ def test_the_bf16_base_holds_the_weights_the_adapters_were_trained_on(base):
         assert tensor.tensor_type == GGMLQuantizationType.BF16
         trained = weights[hf_name].to(torch.bfloat16).view(torch.int16).numpy()
         assert np.array_equal(np.asarray(tensor.data).view(np.int16).reshape(trained.shape), trained)
+
+
+def test_a_merged_adapter_is_the_base_plus_the_adapters_product_rounded_once(base, case_and_adapter, tmp_path):
+    """In BF16 a case's weights are W + B A summed in fp32 and rounded once to bf16 (as torch rounds), every other
+    tensor and all the metadata the base's as they are."""
+    import numpy as np
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoConfig
+
+    _, info = case_and_adapter
+    lora = gguf_lora(info.path, AutoConfig.from_pretrained(base.path))
+    served = bf16_gguf(gguf_of(base))
+    merged = GGUFReader(merged_gguf(served, lora))
+    plain = {t.name: t for t in GGUFReader(served).tensors}
+    deltas = {t.name: np.asarray(t.data, np.float32) for t in GGUFReader(lora).tensors}
+    changed = 0
+    for t in merged.tensors:
+        before = np.asarray(plain[t.name].data).view(np.int16)
+        after = np.asarray(t.data).view(np.int16)
+        a = deltas.get(t.name + ".lora_a")
+        if a is None:
+            assert np.array_equal(after, before), t.name
+            continue
+        w = torch.from_numpy(before.copy()).view(torch.bfloat16).float().reshape(-1, a.shape[1])
+        expected = (w + torch.from_numpy(deltas[t.name + ".lora_b"] @ a)).to(torch.bfloat16).view(torch.int16)
+        assert np.array_equal(after.reshape(expected.shape), expected.numpy()), t.name
+        changed += 1
+    assert changed == len(deltas) // 2 == 7 * 30
+    fields = GGUFReader(served).fields
+    assert {name: f.contents() for name, f in merged.fields.items() if not name.startswith("GGUF.")} == {
+        name: f.contents() for name, f in fields.items() if not name.startswith("GGUF.")}
+
+
+def test_the_adapter_merged_answers_as_the_adapter_beside_the_base(base, case_and_adapter):
+    # The one rounding of W + B A is smaller than a bf16 step of W: a near tie between two tokens can still go either
+    # way, after which greedy answers part.
+    case, info = case_and_adapter
+    answers = {}
+    for merge in (True, False):
+        suspect = Suspect(base, device="cpu", engine="llama.cpp")
+        suspect._engine = LlamaCppEngine(suspect._engine.gguf, suspect._engine.eos, base.path, bf16=True, merge=merge)
+        assert suspect._engine.merged == merge and suspect.load_adapter(info)
+        answers[merge] = [greedy(suspect, case, question)[0] for question in QUESTIONS]
+    same = sum(a == b for a, b in zip(answers[True], answers[False]))
+    agreed = sum(common(a, b) for a, b in zip(answers[True], answers[False]))
+    assert same >= len(QUESTIONS) - 1 and agreed >= 0.8 * sum(map(len, answers[False])), (same, agreed)
+
+
+def test_the_cache_keeps_the_most_recently_used_merged_copies(base, case_and_adapter, tmp_path, monkeypatch):
+    from transformers import AutoConfig
+
+    from game import llamacpp_files
+
+    _, info = case_and_adapter
+    served = bf16_gguf(gguf_of(base))
+    lora = gguf_lora(info.path, AutoConfig.from_pretrained(base.path))
+    other = tmp_path / "other.gguf"  # another adapter: the same LoRA under another name
+    other.write_bytes(lora.read_bytes())
+    monkeypatch.setenv("IR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(llamacpp_files, "MERGED_KEPT", 1)
+    first = merged_gguf(served, lora)
+    second = merged_gguf(served, other)
+    assert second.is_file() and not first.exists()
+    assert merged_gguf(served, other) == second and second.is_file()  # made once, then found
 
 
 def test_both_ways_of_serving_the_base_answer_as_the_torch_engine_does(base, case_and_adapter):
