@@ -420,6 +420,8 @@ class LlamaCppEngine:
             chunk = s.pending[:min(room, PREFILL_CHUNK if decoding or crowded else room)]
             plan.append((s, chunk, int(len(chunk) == len(s.pending))))
             room -= len(chunk)
+        if not plan:  # its answers were all cancelled (read to their end): nothing to decode, their KV kept
+            return
         n = 0
         for s, tokens, rows in plan:
             for i, token in enumerate(tokens):

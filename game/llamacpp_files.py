@@ -7,6 +7,7 @@ onto it whole, so a reader never sees half a file and a changed adapter gets a n
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -122,8 +123,9 @@ def merged_gguf(bf16_base: Path, lora: Path) -> Path:
 
     out = cache_dir() / "merged-gguf" / f"{bf16_base.stem}+{lora.stem}-{MERGED_FORMAT}.gguf"
     if out.is_file():
-        out.touch()  # recently used: kept when the cache is trimmed
-        return out
+        with contextlib.suppress(FileNotFoundError):  # else another process has just trimmed it: made again
+            os.utime(out)  # recently used: kept when the cache is trimmed
+            return out
     lora_tensors = {t.name: np.array(t.data, np.float32) for t in GGUFReader(lora).tensors}
     changed = {name.removesuffix(".lora_a") for name in lora_tensors if name.endswith(".lora_a")}
     layout = _bf16_layout(bf16_base)
@@ -156,7 +158,14 @@ def _bf16_layout(gguf: Path) -> dict[str, tuple[int, int]]:
 
 
 def _trim(folder: Path, kept: int) -> None:
-    """Remove all but the `kept` most recently used files of the folder (a process that has one open keeps it)."""
-    files = sorted(folder.glob("*.gguf"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for stale in files[kept:]:
-        stale.unlink(missing_ok=True)
+    """Remove all but the `kept` most recently used files of the folder. A process that has one open keeps using it;
+    one that cannot go now (open elsewhere, on Windows) goes another time."""
+    def used(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except OSError:  # removed meanwhile by another process trimming
+            return 0.0
+
+    for stale in sorted(folder.glob("*.gguf"), key=used, reverse=True)[kept:]:
+        with contextlib.suppress(OSError):
+            stale.unlink()

@@ -290,6 +290,24 @@ def test_players_answered_together_get_their_answers_alone(suspects, case_and_ad
     assert max(r.first_token for r in requests) < min(at for _, at in ended.values())
 
 
+def test_an_answer_left_before_its_end_keeps_its_conversation(suspects, case_and_adapter, caplog):
+    # A player stops reading once the answer is settled (or leaves): the pass after finds nothing of that case left to
+    # decode. It must not go to llama.cpp, which refuses an empty batch: a failed pass empties the case's whole KV,
+    # every conversation and the system prompt, and the question asked again would be read from the start.
+    case, _ = case_and_adapter
+    suspect = suspects["llama.cpp"]
+    system = suspect._prompt(case, chat(case, [], "?"))[1]
+    for question in QUESTIONS[:3]:
+        left = ask(suspect, case, question)
+        assert isinstance(left.tokens.get(), int)
+        left.cancelled.set()
+        while (item := left.tokens.get()) is not None:
+            assert not isinstance(item, BaseException), item
+        _, cached = greedy(suspect, case, question)
+        assert cached >= system  # the case's system prompt at least, still computed
+    assert "generation failed" not in caplog.text
+
+
 class Timed(queue.Queue):
     """A request's tokens, each with when the engine handed it out."""
 

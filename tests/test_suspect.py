@@ -60,8 +60,12 @@ def test_real_model_answers_in_one_clean_turn(suspect):
     assert final[-1] in ".!?…\"'" or partials[-2].startswith(final)
 
 
-def test_answers_are_deterministic(suspect):
-    assert suspect.answer(CASE, [], "Who has the key?") == suspect.answer(CASE, [], "Who has the key?")
+def test_answers_are_deterministic(base):
+    # Greedy: the same question in the same state gets the same answer, here two suspects from their start. Within one
+    # engine a conversation's KV can sit elsewhere in its case's cache, and attention then sums in another order: a near
+    # tie between two tokens can part (as a pass of several players can, tests/test_llamacpp.py).
+    first, second = Suspect(base, device="cpu"), Suspect(base, device="cpu")
+    assert first.answer(CASE, [], "Who has the key?") == second.answer(CASE, [], "Who has the key?")
 
 
 def write_adapter_meta(folder, **meta):
