@@ -14,9 +14,9 @@ import hashlib
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 from game.base import cache_dir, file_sha256
@@ -48,7 +48,7 @@ def bf16_gguf(gguf: Path) -> Path:
     return out
 
 
-@contextmanager
+@contextlib.contextmanager
 def _written_whole(out: Path):
     """A path to write `out` at, beside it, moved onto it once the block ends without error: a reader of the cache
     never sees half a file, and a failed write leaves nothing."""
@@ -69,8 +69,6 @@ def _permute(w, n_head: int):
 
 def to_gguf_lora(folder: Path, out: Path, config) -> None:
     """Write a PEFT LoRA folder as a llama.cpp GGUF LoRA (fp32, scaling folded into B), atomically."""
-    import gguf
-
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     i, h = config.intermediate_size, config.hidden_size
@@ -119,14 +117,13 @@ def merged_gguf(bf16_base: Path, lora: Path) -> Path:
     an adapter beside the base costs 15-25% of every pass (two thin products for each of 210 matrices; docs/speed.md).
     """
     import torch
-    from gguf import GGUFReader
 
     out = cache_dir() / "merged-gguf" / f"{bf16_base.stem}+{lora.stem}-{MERGED_FORMAT}.gguf"
     if out.is_file():
         with contextlib.suppress(FileNotFoundError):  # else another process has just trimmed it: made again
             os.utime(out)  # recently used: kept when the cache is trimmed
             return out
-    lora_tensors = {t.name: np.array(t.data, np.float32) for t in GGUFReader(lora).tensors}
+    lora_tensors = {t.name: np.array(t.data, np.float32) for t in gguf.GGUFReader(lora).tensors}
     changed = {name.removesuffix(".lora_a") for name in lora_tensors if name.endswith(".lora_a")}
     layout = _bf16_layout(bf16_base)
     if not changed <= layout.keys():
@@ -148,13 +145,11 @@ def merged_gguf(bf16_base: Path, lora: Path) -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def _bf16_layout(gguf: Path) -> dict[str, tuple[int, int]]:
+def _bf16_layout(path: Path) -> dict[str, tuple[int, int]]:
     """Where each BF16 tensor's data lies in the file: name -> (offset, bytes). Read once per file (reading a GGUF's
     metadata, its 49,152-token vocabulary, takes seconds)."""
-    from gguf import GGMLQuantizationType, GGUFReader
-
-    return {t.name: (t.data_offset, t.n_bytes) for t in GGUFReader(gguf).tensors
-            if t.tensor_type == GGMLQuantizationType.BF16}
+    return {t.name: (t.data_offset, t.n_bytes) for t in gguf.GGUFReader(path).tensors
+            if t.tensor_type == gguf.GGMLQuantizationType.BF16}
 
 
 def _trim(folder: Path, kept: int) -> None:

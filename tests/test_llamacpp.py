@@ -108,19 +108,25 @@ def test_the_bf16_base_holds_the_weights_the_adapters_were_trained_on(base):
         assert np.array_equal(np.asarray(tensor.data).view(np.int16).reshape(trained.shape), trained)
 
 
-def test_a_merged_adapter_is_the_base_plus_the_adapters_product_rounded_once(base, case_and_adapter, tmp_path):
+@pytest.fixture(scope="module")
+def merge_inputs(base, case_and_adapter):
+    """The BF16 base and the case's adapter as a GGUF LoRA: what merged_gguf adds together."""
+    from transformers import AutoConfig
+
+    return bf16_gguf(gguf_of(base)), gguf_lora(case_and_adapter[1].path, AutoConfig.from_pretrained(base.path))
+
+
+def test_a_merged_adapter_is_the_base_plus_the_adapters_product_rounded_once(merge_inputs):
     """In BF16 a case's weights are W + B A summed in fp32 and rounded once to bf16 (as torch rounds), every other
     tensor and all the metadata the base's as they are."""
     import numpy as np
     import torch
     from gguf import GGUFReader
-    from transformers import AutoConfig
 
-    _, info = case_and_adapter
-    lora = gguf_lora(info.path, AutoConfig.from_pretrained(base.path))
-    served = bf16_gguf(gguf_of(base))
+    served, lora = merge_inputs
     merged = GGUFReader(merged_gguf(served, lora))
-    plain = {t.name: t for t in GGUFReader(served).tensors}
+    base_file = GGUFReader(served)
+    plain = {t.name: t for t in base_file.tensors}
     deltas = {t.name: np.asarray(t.data, np.float32) for t in GGUFReader(lora).tensors}
     changed = 0
     for t in merged.tensors:
@@ -135,9 +141,8 @@ def test_a_merged_adapter_is_the_base_plus_the_adapters_product_rounded_once(bas
         assert np.array_equal(after.reshape(expected.shape), expected.numpy()), t.name
         changed += 1
     assert changed == len(deltas) // 2 == 7 * 30
-    fields = GGUFReader(served).fields
     assert {name: f.contents() for name, f in merged.fields.items() if not name.startswith("GGUF.")} == {
-        name: f.contents() for name, f in fields.items() if not name.startswith("GGUF.")}
+        name: f.contents() for name, f in base_file.fields.items() if not name.startswith("GGUF.")}
 
 
 def test_the_adapter_merged_answers_as_the_adapter_beside_the_base(base, case_and_adapter):
@@ -155,14 +160,10 @@ def test_the_adapter_merged_answers_as_the_adapter_beside_the_base(base, case_an
     assert same >= len(QUESTIONS) - 1 and agreed >= 0.8 * sum(map(len, answers[False])), (same, agreed)
 
 
-def test_the_cache_keeps_the_most_recently_used_merged_copies(base, case_and_adapter, tmp_path, monkeypatch):
-    from transformers import AutoConfig
-
+def test_the_cache_keeps_the_most_recently_used_merged_copies(merge_inputs, tmp_path, monkeypatch):
     from game import llamacpp_files
 
-    _, info = case_and_adapter
-    served = bf16_gguf(gguf_of(base))
-    lora = gguf_lora(info.path, AutoConfig.from_pretrained(base.path))
+    served, lora = merge_inputs
     other = tmp_path / "other.gguf"  # another adapter: the same LoRA under another name
     other.write_bytes(lora.read_bytes())
     monkeypatch.setenv("IR_CACHE", str(tmp_path / "cache"))
