@@ -4,6 +4,7 @@ checks that no answer went to the wrong session, no request failed and every gam
 
     .venv/bin/python benchmarks/load.py                                   # 20 players, whole games
     .venv/bin/python benchmarks/load.py --players 5 --questions 2 --label quick
+    .venv/bin/python benchmarks/load.py --games 3 --label games3          # three games each, one after another
     .venv/bin/python benchmarks/load.py --engine_url http://127.0.0.1:8000/v1 --label llama-cpp-server   # model apart
 
 Serves `python app.py` in a child process on a free port, as `make play` does: the bundled cases and adapters,
@@ -49,6 +50,9 @@ QUESTIONS = ["Where were you last night?", "Who else could get in?", "What did y
 class Arguments:
     players: int = field(default=20, metadata={"help": "Players at once; each plays one game."})
     questions: int = field(default=5, metadata={"help": "Questions per game (the game allows five)."})
+    games: int = field(default=1, metadata={
+        "help": "Games each player plays in a row, each a new game of the same case (a classroom's second round "
+                "meets a server that has played the first); the figures are given for each round too."})
     max_new_tokens: int | None = field(default=None, metadata={"help": "Answer length cap; default: the game's."})
     think_s: float = field(default=0.0, metadata={
         "help": "Seconds a player takes between an answer and the next question (reading it, typing the next one), "
@@ -107,23 +111,32 @@ def warm(server: subprocess.Popen, log: Path, timeout_s: float) -> float:
     return time.perf_counter()
 
 
-def play(url: str, p: int, case_id: str, args: Arguments, start: threading.Barrier) -> dict:
+def play(url: str, p: int, case_id: str, args: Arguments, start: threading.Barrier) -> list[dict]:
+    """One player's games, one after another in one browser session."""
     from gradio_client import Client
 
-    game = {"player": p, "case": case_id, "asked": [], "answers": [], "answer_s": [], "first_words_s": [],
-            "error": None}
+    # ssl_verify=False: the server is plain HTTP on localhost, and gradio_client makes a new httpx client (which
+    # loads the CA bundle when it verifies, ~10 ms of CPU) for every request it sends.
     try:
-        # ssl_verify=False: the server is plain HTTP on localhost, and gradio_client makes a new httpx client (which
-        # loads the CA bundle when it verifies, ~10 ms of CPU) for every request it sends.
         client = Client(url, verbose=False, ssl_verify=False, httpx_kwargs={"timeout": args.client_timeout_s})
-        start.wait()
+    finally:
+        start.wait()  # the others start anyway; a client that could not connect fails the run
+    pauses = random.Random(p)
+    return [play_game(client, p, case_id, round_, args, pauses) for round_ in range(args.games)]
+
+
+def play_game(client, p: int, case_id: str, round_: int, args: Arguments, pauses: random.Random) -> dict:
+    game = {"player": p, "case": case_id, "round": round_, "asked": [], "answers": [], "answer_s": [],
+            "first_words_s": [], "error": None}
+    try:
         client.predict(case_id, api_name="/new_game")
         history = []
-        pauses = random.Random(p)
         for q in range(args.questions):
-            if q:
+            if q or round_:
                 time.sleep(args.think_s * pauses.uniform(0.5, 1.5))
-            question = f"{QUESTIONS[q % len(QUESTIONS)]} (detective {p + 1}, question {q + 1})"  # no two alike
+            # No two alike; a later game's questions begin otherwise, as a new game's would.
+            question = (f"Game {round_ + 1}: " if round_ else "") + \
+                f"{QUESTIONS[q % len(QUESTIONS)]} (detective {p + 1}, question {q + 1})"
             sent = time.perf_counter()
             first_words = None
             job = client.submit(question, history, api_name="/ask")
@@ -183,6 +196,15 @@ def check(games: list[dict], db: Path) -> dict:
             "players_mixed_up": mixups}
 
 
+def by_round(games: list[dict], rounds: int) -> list[dict]:
+    """The latencies of the players' first games, of their second ones, and so on."""
+    def latencies(r: int, key: str) -> dict:
+        return summary([s for g in games if g["round"] == r for s in g[key]], 3)
+
+    return [{"round": r, "answer_latency_s": latencies(r, "answer_s"),
+             "first_words_latency_s": latencies(r, "first_words_s")} for r in range(rounds)]
+
+
 def main(args: Arguments) -> dict:
     import torch
 
@@ -206,7 +228,7 @@ def main(args: Arguments) -> dict:
                 futures = [pool.submit(play, url, p, cases[p % len(cases)], args, start) for p in range(args.players)]
                 start.wait()
                 began, server_began, clients_began = time.perf_counter(), cpu_seconds(server.pid), time.process_time()
-                games = [f.result() for f in futures]
+                games = [game for f in futures for game in f.result()]
             wall = time.perf_counter() - began
             # Where the machine's cores went: the server (engine and web tier), and these clients, which real
             # players' browsers would not take from it. None where /proc is missing or the server has gone.
@@ -233,7 +255,8 @@ def main(args: Arguments) -> dict:
                      "max_new_tokens": args.max_new_tokens or settings.max_new_tokens, "engine": engine,
                      "answers_at_once": ANSWERS_AT_ONCE, "threads": os.environ.get("IR_THREADS"),
                      "draft_tokens": os.environ.get("IR_DRAFT_TOKENS"), "lanes": os.environ.get("IR_LANES"),
-                     "think_s": args.think_s, "client_nice": args.client_nice, "engine_url": args.engine_url,
+                     "games_per_player": args.games, "think_s": args.think_s, "client_nice": args.client_nice,
+                     "engine_url": args.engine_url,
                      "transport": "gradio_client over HTTP on localhost", "client_poll_s": POLL_S},
         "server_ready_s": round(ready_s, 2),
         "server_warm_s": round(warm_s, 2),
@@ -248,8 +271,10 @@ def main(args: Arguments) -> dict:
         "errors": len(errors),
         "error_messages": errors[:10],
         **checked,
-        "every_game_recorded": checked["games_recorded"] == args.players and not errors,
-        "games": [{"player": g["player"], "case": g["case"], "answer_s": [round(s, 3) for s in g["answer_s"]],
+        "every_game_recorded": checked["games_recorded"] == args.players * args.games and not errors,
+        "rounds": by_round(games, args.games) if args.games > 1 else None,
+        "games": [{"player": g["player"], "case": g["case"], "round": g["round"],
+                   "answer_s": [round(s, 3) for s in g["answer_s"]],
                    "first_words_s": [round(s, 3) for s in g["first_words_s"]], "error": g["error"]} for g in games],
     }
 

@@ -140,6 +140,11 @@ class PrefixCache:
             if not keys:
                 del self._index[key[0], h]
 
+    def discard(self, key: tuple) -> None:
+        """Forget an entry, if it is still here and not pinned (its KV has gone back where it was made)."""
+        if key in self._entries and key not in self._pinned:
+            self._remove(key)
+
     def drop(self, adapter: str | None) -> None:
         for key in [k for k in self._entries if k[0] == adapter]:
             self._remove(key)

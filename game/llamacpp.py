@@ -46,7 +46,10 @@ from game.llamacpp_files import bf16_gguf, gguf_lora, merged_gguf
 
 log = logging.getLogger(__name__)
 
-KV_CACHE_MB = 256  # conversations saved aside for room (23 kB a token on the 135M base: ~20 conversations)
+KV_CACHE_MB = 512  # conversations saved aside, their own cells (23 kB a token on the 135M base: ~50 conversations)
+IDLE_KEEP_S = 1.0  # a conversation between questions stays in its case's KV this long, then goes aside: every token
+#                   a case decodes attends over all the cells of its KV, the idle conversations' and the finished
+#                   games' too (twenty players, five games each: 5.5 -> 3.1 answers/s by the fifth; docs/speed.md)
 DRAFT_TOKENS = 5  # a lone player's guesses (game.drafts) checked at once: measured best on 2 cores, docs/speed.md
 DRAFT_BUDGET = 12  # a case's pass holds guesses only up to this many tokens in all: with many players the pass is
 #                    bound by arithmetic and a wrong guess costs as much as a right token (docs/speed.md)
@@ -117,10 +120,11 @@ class LlamaCppEngine:
                  threads: int | None = None, threads_batch: int | None = None, draft_tokens: int | None = None,
                  kv_cells: int = KV_CELLS, sequences: int = SEQUENCES, threads_together: int | None = None,
                  kv_cache_mb: int = KV_CACHE_MB, lanes: int | None = None, bf16: bool | None = None,
-                 merge: bool | None = None):
+                 merge: bool | None = None, idle_keep_s: float = IDLE_KEEP_S):
         """config_path: the transformers folder of the same base (for the adapters' shapes); default: resolved.
         n_ctx: the longest conversation, in tokens; kv_cells and sequences: each case's KV, and how many sequences
-        it holds (its system prompt's and its conversations'); kv_cache_mb: conversations saved aside. threads
+        it holds (its system prompt's and its conversations'); kv_cache_mb: conversations saved aside; idle_keep_s: how
+        long a conversation waits for its next question in its case's KV before it goes aside. threads
         (passes of one token) and threads_batch (more) while one player is answered: default $IR_THREADS,
         $IR_THREADS_BATCH, else every core; threads_together while several are: default $IR_THREADS_TOGETHER, else
         THREADS_TOGETHER. lanes: cases whose passes run at once then, each on its own threads_together; default
@@ -136,7 +140,7 @@ class LlamaCppEngine:
         self.config_path = config_path
         self.eos = eos
         self.max_len = n_ctx
-        self.kv_cells, self.sequences = kv_cells, sequences
+        self.kv_cells, self.sequences, self.idle_keep_s = kv_cells, sequences, idle_keep_s
         threads_env, cores = _env_count("IR_THREADS"), os.cpu_count() or 1
         self.threads = threads or threads_env or cores
         self.threads_batch = threads_batch or _env_count("IR_THREADS_BATCH") or threads_env or cores
@@ -241,11 +245,22 @@ class LlamaCppEngine:
             pass
         with self._lock:
             self._admit(self._players)
+            self._put_idle_aside()
             if not self._running and not any(c.answering() for c in self._contexts.values()):
                 self._admit(self._warm_ups, most=1)  # one at a time: a system prompt holds every player's pass up
             started = self._start_passes()
         if not started and (self._players or self._warm_ups) and self._can_start():
             time.sleep(0.01)  # a request that fits nowhere yet, and no pass to wait for: do not spin
+
+    def _put_idle_aside(self) -> None:
+        """Save aside (PrefixCache) the conversations of contexts between passes that have waited idle_keep_s for
+        their next question: a player reading the answer, or a game over. Under the lock."""
+        now = time.perf_counter()
+        for c in self._contexts.values():
+            if c not in self._running:
+                for s in [s for s in c.sequences.values() if s.request is None and now - s.used > self.idle_keep_s]:
+                    self._save(c, s)
+                    c.drop(s)
 
     def _idle(self) -> list[_Context]:
         """Contexts with answers in progress and no pass running (only these may be read: a lane owns the others)."""
@@ -358,7 +373,9 @@ class LlamaCppEngine:
             # Taken now, not at restoring: making room below saves conversations aside, which can push this one
             # out of the cache.
             s, entry = None, self._cache.get(key) if saved > max(kept, system) + RESTORE_GAIN else None
-            shared = 0 if entry else system  # a saved state comes back whole, its system prompt included
+            if entry and not c.shares(entry):
+                entry = None
+            shared = entry[3] if entry else system  # a saved state's first cells are sequence 0's, or its own
         if not c.make_room(_promised(r, self.draft_tokens) - shared, keep=s, save=self._save):
             return False
         if s is not None:
@@ -367,6 +384,7 @@ class LlamaCppEngine:
             s = c.new_sequence()
             if entry and self._restore(c, s, entry):
                 common = len(s.tokens)
+                self._cache.discard(key)  # in its sequence again, and saved anew once idle
             elif system:
                 lib.llama_memory_seq_cp(c.mem, 0, s.seq, 0, system)
                 s.tokens, s.shared, common = list(c.system), system, system
@@ -381,19 +399,32 @@ class LlamaCppEngine:
         return True
 
     def _save(self, c: _Context, s: _Sequence) -> None:
-        """Keep a conversation's KV aside (PrefixCache), so that its sequence can go."""
-        lib = self._lib
-        size = lib.llama_state_seq_get_size(c.ctx, s.seq)
+        """Keep a conversation's KV aside (PrefixCache), so that its sequence can go: only its own cells where its
+        first ones are the case's system prompt (sequence 0's, shared again when it comes back, so that a
+        conversation back does not bring a copy of them into the KV)."""
+        lib, seq, shared = self._lib, s.seq, s.shared
+        spare = c.spare_id() if shared else None
+        if spare is None:
+            shared = 0
+        else:  # llama.cpp saves a sequence's cells: a spare one holds the conversation's own, for the moment
+            lib.llama_memory_seq_cp(c.mem, s.seq, spare, shared, -1)
+            seq = spare
+        size = lib.llama_state_seq_get_size(c.ctx, seq)
         data = (ctypes.c_uint8 * size)()
-        written = lib.llama_state_seq_get_data(c.ctx, data, size, s.seq)
-        self._cache.put(c.adapter, s.tokens, (data, written, list(s.tokens)), written)
+        written = lib.llama_state_seq_get_data(c.ctx, data, size, seq)
+        if spare is not None:
+            lib.llama_memory_seq_rm(c.mem, spare, -1, -1)
+        self._cache.put(c.adapter, s.tokens, (data, written, list(s.tokens), shared), written)
 
     def _restore(self, c: _Context, s: _Sequence, entry: tuple) -> bool:
-        data, size, tokens = entry
-        if not self._lib.llama_state_seq_set_data(c.ctx, data, size, s.seq):
-            self._lib.llama_memory_seq_rm(c.mem, s.seq, -1, -1)
+        data, size, tokens, shared = entry
+        lib = self._lib
+        if not lib.llama_state_seq_set_data(c.ctx, data, size, s.seq):
+            lib.llama_memory_seq_rm(c.mem, s.seq, -1, -1)
             return False
-        s.tokens, s.shared = list(tokens), 0
+        if shared:
+            lib.llama_memory_seq_cp(c.mem, 0, s.seq, 0, shared)
+        s.tokens, s.shared = list(tokens), shared
         return True
 
     def _step(self, c: _Context, crowded: bool) -> None:
@@ -568,8 +599,16 @@ class _Context:
             self._lib.llama_set_n_threads(self.ctx, threads, threads_batch)
             self.threads = (threads, threads_batch)
 
+    def spare_id(self) -> int | None:
+        return next((i for i in range(1, self.n_sequences) if i not in self.sequences), None)
+
+    def shares(self, entry: tuple) -> bool:
+        """Whether a saved conversation's first cells, left to sequence 0, are still there (the system prompt)."""
+        tokens, shared = entry[2], entry[3]
+        return self.system[:shared] == tokens[:shared] and len(self.system) >= shared
+
     def new_sequence(self) -> _Sequence:
-        seq = next(i for i in range(1, self.n_sequences) if i not in self.sequences)
+        seq = self.spare_id()
         s = self.sequences[seq] = _Sequence(seq)
         return s
 

@@ -3,6 +3,7 @@ players at once as it answers each alone.
 
 Skipped where llama-cpp-python is not installed (the game then runs the torch engine)."""
 
+import math
 import queue
 import threading
 import time
@@ -215,10 +216,10 @@ def test_the_adapter_is_applied(suspects, case_and_adapter):
 
 def small_suspect(base, info, **engine_options):
     """A llama.cpp suspect with the case's adapter whose case holds two conversations at most: a third pushes the least
-    recent aside."""
+    recent aside (and, unless idle_keep_s says otherwise, nothing else does)."""
     suspect = Suspect(base, device="cpu", engine="llama.cpp")
     suspect._engine = LlamaCppEngine(suspect._engine.gguf, suspect._engine.eos, base.path, sequences=3, draft_tokens=0,
-                                     **engine_options)
+                                     **{"idle_keep_s": math.inf} | engine_options)
     assert suspect.load_adapter(info)
     return suspect
 
@@ -261,6 +262,32 @@ def test_a_conversation_comes_back_even_when_making_room_for_it_pushes_it_out_of
     restored, cached = greedy(crammed, case, QUESTIONS[1], transcript=transcript)
     system = crammed._prompt(case, chat(case, [], "?"))[1]
     assert restored == follow and cached >= system + len(first), "the whole first exchange should come back"
+
+
+def test_a_conversation_waiting_for_its_next_question_leaves_the_kv_and_comes_back_whole(base, cramped,
+                                                                                         case_and_adapter):
+    # Every token a case decodes attends over all the cells of its KV: conversations between questions (a player
+    # reading, a game over) go aside, and their case's KV holds its system prompt and the answers under way. One back
+    # shares the system prompt's cells again rather than bringing a copy of them.
+    case, info = case_and_adapter
+    suspect = small_suspect(base, info, idle_keep_s=0)
+    engine = suspect._engine
+    first, _ = greedy(suspect, case, QUESTIONS[0])
+    context = engine._contexts[case.id]
+    deadline = time.perf_counter() + 30
+    while context.sequences and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert not context.sequences, "the finished conversation should have left the case's KV"
+    transcript = [Exchange(QUESTIONS[0], suspect.tokenizer.decode(first, skip_special_tokens=True))]
+    prompt, system = suspect._prompt(case, chat(case, transcript, QUESTIONS[1]))
+    key, saved = engine._cache.longest(case.id, prompt)
+    _, size, tokens, _ = engine._cache.get(key)
+    per_token = engine._lib.llama_state_seq_get_size(context.ctx, 0) / system  # sequence 0: the system prompt alone
+    assert size < (len(tokens) - system + 16) * per_token, "only the conversation's own cells are saved"
+    follow, cached = greedy(suspect, case, QUESTIONS[1], transcript=transcript)
+    assert cached >= system + len(first) - 1, "the whole first exchange should come back"
+    kept, _ = greedy(cramped, case, QUESTIONS[1], transcript=transcript)  # where conversations stay in the KV
+    assert follow == kept
 
 
 def first_cached(suspect, case, question) -> int:

@@ -101,3 +101,15 @@ def test_the_load_benchmark_counts_the_cpu_time_a_process_takes():
         busy.wait()
     assert 0 < first < second
     assert load.cpu_seconds(busy.pid) is None  # gone
+
+
+def test_the_load_benchmark_gives_each_round_of_games_its_own_figures():
+    spec = importlib.util.spec_from_file_location("load_benchmark", ROOT / "benchmarks" / "load.py")
+    load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load)
+    games = [{"round": 0, "answer_s": [1.0, 2.0], "first_words_s": [0.1, 0.2]},
+             {"round": 1, "answer_s": [5.0], "first_words_s": [0.5]},
+             {"round": 0, "answer_s": [3.0], "first_words_s": [0.3]}]
+    first, second = load.by_round(games, 2)
+    assert (first["round"], first["answer_latency_s"]["n"], first["answer_latency_s"]["max"]) == (0, 3, 3.0)
+    assert (second["answer_latency_s"]["n"], second["first_words_latency_s"]["p50"]) == (1, 0.5)
