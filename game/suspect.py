@@ -32,7 +32,7 @@ from game.adapters import AdapterInfo
 from game.base import Base
 from game.config import ConfigError
 from game.drafts import Drafts
-from game.engine import BatchedEngine, Request
+from game.engine import BatchedEngine, Request, common_prefix
 from game.phrases import normalize, same_answer
 from game.prompt import chat, system_prompt
 from game.scenario import Case
@@ -133,7 +133,7 @@ class Suspect:
         self.tokenizer = AutoTokenizer.from_pretrained(base.path)
         self.adapters: dict[str, Path] = {}  # case id -> folder, for those loaded
         self._encode_lock = threading.Lock()  # a fast tokenizer must not encode in two threads at once
-        self._prefixes: dict[str, tuple[str, int]] = {}  # case id -> (system prompt, its length in tokens)
+        self._prefixes: dict[str, tuple[str, list[int]]] = {}  # case id -> (system prompt, every prompt's start)
         self._drafts: dict[str, tuple[Case, Drafts]] = {}  # case id -> guesses from that case's material
         self._engine = self._llama_cpp(engine) if engine != "torch" else None
         if self._engine is not None:
@@ -200,15 +200,19 @@ class Suspect:
         return True
 
     def _prompt(self, case: Case, messages: list[dict[str, str]]) -> tuple[list[int], int]:
-        """The prompt's token ids, and how many of them are the case's system prompt (the same in every question)."""
+        """The prompt's token ids, and how many of them are the same in every question of the case: its system
+        prompt and the opening of the first question's turn ("<|im_start|>user\n" in ChatML), computed once for all
+        of its games."""
         with self._encode_lock:
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
             text = system_prompt(case)
             known = self._prefixes.get(case.id)
             if known is None or known[0] != text:
-                head = self.tokenizer.apply_chat_template(messages[:1], return_dict=True)["input_ids"]
-                known = self._prefixes[case.id] = (text, len(head) if ids[:len(head)] == head else 0)
-        return list(ids), known[1]
+                turns = [self.tokenizer.apply_chat_template([messages[0], {"role": "user", "content": question}],
+                                                            return_dict=True)["input_ids"] for question in "?!"]
+                known = self._prefixes[case.id] = (text, turns[0][:common_prefix(*turns)])
+        prefix = known[1]
+        return list(ids), len(prefix) if ids[:len(prefix)] == prefix else 0
 
     def _guesses(self, case: Case) -> Drafts | None:
         """Where draft_tokens_for(case): the case's system prompt and every answer of its dialogue material, as one
