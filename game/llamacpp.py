@@ -51,8 +51,11 @@ IDLE_KEEP_S = 1.0  # a conversation between questions stays in its case's KV thi
 #                   a case decodes attends over all the cells of its KV, the idle conversations' and the finished
 #                   games' too (twenty players, five games each: 5.5 -> 3.1 answers/s by the fifth; docs/speed.md)
 DRAFT_TOKENS = 5  # a lone player's guesses (game.drafts) checked at once: measured best on 2 cores, docs/speed.md
-DRAFT_BUDGET = 12  # a case's pass holds guesses only up to this many tokens in all: with many players the pass is
-#                    bound by arithmetic and a wrong guess costs as much as a right token (docs/speed.md)
+DRAFT_BUDGET = 24  # a case's pass holds guesses only up to this many tokens in all: with many players a wrong guess
+#                    costs as much as a right token, but each pass also reads every weight once (twenty players: 12%
+#                    more answers a second than with 12; docs/speed.md)
+STARTING_BUDGET = 12  # ... and up to this many while one of its answers is short of its first words, so that a new
+#                       question's pass is not slowed by the others' guesses (first words as with 12 throughout)
 THREADS_TOGETHER = 1  # llama.cpp threads while several players are answered: the rest of the CPU turns their tokens
 #                      into words and streams them, and ggml's threads wait for each other at every operation, so one
 #                      descheduled thread stalls the pass (20 players, 2 cores: answers 2.4x sooner; docs/speed.md)
@@ -436,7 +439,9 @@ class LlamaCppEngine:
             self._finish(c, s)
         decoding = [s for s in c.sequences.values() if s.request is not None and not s.pending]
         prefilling = [s for s in c.sequences.values() if s.request is not None and s.pending]
-        guess_len = min(self.draft_tokens, DRAFT_BUDGET // max(len(decoding), 1) - 1)
+        starting = prefilling or any(len(s.answer) < FIRST_WORDS_TOKENS for s in decoding)
+        budget = STARTING_BUDGET if starting else DRAFT_BUDGET
+        guess_len = min(self.draft_tokens, budget // max(len(decoding), 1) - 1)
         plan: list[tuple[_Sequence, list[int], int]] = []  # (sequence, tokens evaluated, logits rows)
         for s in decoding:
             r = s.request
