@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -52,8 +53,8 @@ IDLE_KEEP_S = 1.0  # a conversation between questions stays in its case's KV thi
 #                   games' too (twenty players, five games each: 5.5 -> 3.1 answers/s by the fifth; docs/speed.md)
 DRAFT_TOKENS = 5  # a lone player's guesses (game.drafts) checked at once: measured best on 2 cores, docs/speed.md
 DRAFT_BUDGET = 24  # a case's pass holds guesses only up to this many tokens in all: with many players a wrong guess
-#                    costs as much as a right token, but each pass also reads every weight once (twenty players: 12%
-#                    more answers a second than with 12; docs/speed.md)
+#                    costs as much as a right token, but each pass also reads every weight once (twenty players over
+#                    HTTP: answer p95 5.5 -> 5.0 s against 12; docs/speed.md)
 STARTING_BUDGET = 12  # ... and up to this many while one of its answers is short of its first words, so that a new
 #                       question's pass is not slowed by the others' guesses (first words as with 12 throughout)
 THREADS_TOGETHER = 1  # llama.cpp threads while several players are answered: the rest of the CPU turns their tokens
@@ -378,7 +379,7 @@ class LlamaCppEngine:
             s, entry = None, self._cache.get(key) if saved > max(kept, system) + RESTORE_GAIN else None
             if entry and not c.shares(entry):
                 entry = None
-            shared = entry[3] if entry else system  # a saved state's first cells are sequence 0's, or its own
+            shared = entry.shared if entry else system  # a saved state's first cells are sequence 0's, or its own
         if not c.make_room(_promised(r, self.draft_tokens) - shared, keep=s, save=self._save):
             return False
         if s is not None:
@@ -417,9 +418,9 @@ class LlamaCppEngine:
         written = lib.llama_state_seq_get_data(c.ctx, data, size, seq)
         if spare is not None:
             lib.llama_memory_seq_rm(c.mem, spare, -1, -1)
-        self._cache.put(c.adapter, s.tokens, (data, written, list(s.tokens), shared), written)
+        self._cache.put(c.adapter, s.tokens, _Saved(data, written, list(s.tokens), shared), written)
 
-    def _restore(self, c: _Context, s: _Sequence, entry: tuple) -> bool:
+    def _restore(self, c: _Context, s: _Sequence, entry: _Saved) -> bool:
         data, size, tokens, shared = entry
         lib = self._lib
         if not lib.llama_state_seq_set_data(c.ctx, data, size, s.seq):
@@ -528,6 +529,15 @@ class LlamaCppEngine:
             c.drop(s)
 
 
+class _Saved(NamedTuple):
+    """A conversation's KV saved aside (llama_state_seq_get_data): its cells after the first `shared`, which are its
+    case's system prompt and come back from sequence 0."""
+    data: object
+    size: int
+    tokens: list[int]
+    shared: int
+
+
 @dataclass
 class _Adapter:
     """A case's weights: its own merged model (lora None), or the base's model with its LoRA applied beside it."""
@@ -607,10 +617,9 @@ class _Context:
     def spare_id(self) -> int | None:
         return next((i for i in range(1, self.n_sequences) if i not in self.sequences), None)
 
-    def shares(self, entry: tuple) -> bool:
+    def shares(self, entry: _Saved) -> bool:
         """Whether a saved conversation's first cells, left to sequence 0, are still there (the system prompt)."""
-        tokens, shared = entry[2], entry[3]
-        return self.system[:shared] == tokens[:shared] and len(self.system) >= shared
+        return len(self.system) >= entry.shared and self.system[:entry.shared] == entry.tokens[:entry.shared]
 
     def new_sequence(self) -> _Sequence:
         seq = self.spare_id()

@@ -278,10 +278,10 @@ def test_a_conversation_waiting_for_its_next_question_leaves_the_kv_and_comes_ba
     assert not context.sequences, "the finished conversation should have left the case's KV"
     transcript = [Exchange(QUESTIONS[0], suspect.tokenizer.decode(first, skip_special_tokens=True))]
     prompt, system = suspect._prompt(case, chat(case, transcript, QUESTIONS[1]))
-    key, saved = engine._cache.longest(case.id, prompt)
-    _, size, tokens, _ = engine._cache.get(key)
+    key, _ = engine._cache.longest(case.id, prompt)
+    saved = engine._cache.get(key)
     per_token = engine._lib.llama_state_seq_get_size(context.ctx, 0) / system  # sequence 0: the system prompt alone
-    assert size < (len(tokens) - system + 16) * per_token, "only the conversation's own cells are saved"
+    assert saved.size < (len(saved.tokens) - system + 16) * per_token, "only the conversation's own cells are saved"
     follow, cached = greedy(suspect, case, QUESTIONS[1], transcript=transcript)
     assert cached >= system + len(first) - 1, "the whole first exchange should come back"
     kept, _ = greedy(cramped, case, QUESTIONS[1], transcript=transcript)  # where conversations stay in the KV
