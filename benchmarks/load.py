@@ -111,6 +111,12 @@ def warm(server: subprocess.Popen, log: Path, timeout_s: float) -> float:
     return time.perf_counter()
 
 
+def in_round(question: str, round_: int) -> str:
+    """A question as a player's game number round_ (from 0) asks it: a later game's begin otherwise, as a new game's
+    would, and no two are alike."""
+    return f"Game {round_ + 1}: {question}" if round_ else question
+
+
 def play(url: str, p: int, case_id: str, args: Arguments, start: threading.Barrier) -> list[dict]:
     """One player's games, one after another in one browser session."""
     from gradio_client import Client
@@ -119,8 +125,10 @@ def play(url: str, p: int, case_id: str, args: Arguments, start: threading.Barri
     # loads the CA bundle when it verifies, ~10 ms of CPU) for every request it sends.
     try:
         client = Client(url, verbose=False, ssl_verify=False, httpx_kwargs={"timeout": args.client_timeout_s})
+    except Exception as exc:  # each of this player's games fails with it: counted, as any failed game
+        client = exc
     finally:
-        start.wait()  # the others start anyway; a client that could not connect fails the run
+        start.wait()  # the others start anyway
     pauses = random.Random(p)
     return [play_game(client, p, case_id, round_, args, pauses) for round_ in range(args.games)]
 
@@ -129,14 +137,14 @@ def play_game(client, p: int, case_id: str, round_: int, args: Arguments, pauses
     game = {"player": p, "case": case_id, "round": round_, "asked": [], "answers": [], "answer_s": [],
             "first_words_s": [], "error": None}
     try:
+        if isinstance(client, Exception):
+            raise client
         client.predict(case_id, api_name="/new_game")
         history = []
         for q in range(args.questions):
             if q or round_:
                 time.sleep(args.think_s * pauses.uniform(0.5, 1.5))
-            # No two alike; a later game's questions begin otherwise, as a new game's would.
-            question = (f"Game {round_ + 1}: " if round_ else "") + \
-                f"{QUESTIONS[q % len(QUESTIONS)]} (detective {p + 1}, question {q + 1})"
+            question = in_round(f"{QUESTIONS[q % len(QUESTIONS)]} (detective {p + 1}, question {q + 1})", round_)
             sent = time.perf_counter()
             first_words = None
             job = client.submit(question, history, api_name="/ask")

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, machine, summary, versions, write_result  # noqa: E402
-from benchmarks.load import QUESTIONS, by_round  # noqa: E402
+from benchmarks.load import QUESTIONS, by_round, in_round  # noqa: E402
 
 
 @dataclass
@@ -57,8 +57,7 @@ def main(args: Arguments) -> dict:
                 game = {"round": round_, "answer_s": [], "first_words_s": []}
                 for q in range(args.questions):
                     sent, first = time.perf_counter(), None
-                    question = (f"Game {round_ + 1}: " if round_ else "") + \
-                        f"{QUESTIONS[q % len(QUESTIONS)]} (detective {p + 1})"
+                    question = in_round(f"{QUESTIONS[q % len(QUESTIONS)]} (detective {p + 1})", round_)
                     for partial in room.ask(game_id, question):
                         if first is None and partial.strip("… "):
                             first = time.perf_counter() - sent

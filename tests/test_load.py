@@ -86,10 +86,15 @@ def test_the_server_says_when_every_case_s_system_prompt_is_computed(tmp_path, c
     assert sorted(room.cases) == sorted([INNOCENT_CASE["id"], MINIMAL_CASE["id"]])
 
 
-def test_the_load_benchmark_counts_the_cpu_time_a_process_takes():
+def load_benchmark():
     spec = importlib.util.spec_from_file_location("load_benchmark", ROOT / "benchmarks" / "load.py")
     load = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(load)
+    return load
+
+
+def test_the_load_benchmark_counts_the_cpu_time_a_process_takes():
+    load = load_benchmark()
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(1.0)
@@ -104,9 +109,7 @@ def test_the_load_benchmark_counts_the_cpu_time_a_process_takes():
 
 
 def test_the_load_benchmark_gives_each_round_of_games_its_own_figures():
-    spec = importlib.util.spec_from_file_location("load_benchmark", ROOT / "benchmarks" / "load.py")
-    load = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(load)
+    load = load_benchmark()
     games = [{"round": 0, "answer_s": [1.0, 2.0], "first_words_s": [0.1, 0.2]},
              {"round": 1, "answer_s": [5.0], "first_words_s": [0.5]},
              {"round": 0, "answer_s": [3.0], "first_words_s": [0.3]}]
