@@ -65,6 +65,7 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
+    shown: bool = False  # the reader has shown the player this answer's first words (the engine serves those first)
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     drafts: Drafts | None = None  # guesses at the answer (the llama.cpp engine checks them; this one batches players)
     drafted_tokens: int = 0  # guessed tokens checked, and those the model produced itself

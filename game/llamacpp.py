@@ -51,7 +51,7 @@ KV_CACHE_MB = 512  # conversations saved aside, their own cells (23 kB a token o
 IDLE_KEEP_S = 1.0  # a conversation between questions stays in its case's KV this long, then goes aside: every token
 #                   a case decodes attends over all the cells of its KV, the idle conversations' and the finished
 #                   games' too (twenty players, five games each: 5.5 -> 3.1 answers/s by the fifth; docs/speed.md)
-DRAFT_TOKENS = 5  # a lone player's guesses (game.drafts) checked at once: measured best on 2 cores, docs/speed.md
+DRAFT_TOKENS = 8  # an answer's guesses (game.drafts) checked at once: a lone player's answer 0.30 -> 0.25 s, docs/speed.md
 DRAFT_BUDGET = 24  # a case's pass holds guesses only up to this many tokens in all: with many players a wrong guess
 #                    costs as much as a right token, but each pass also reads every weight once (twenty players over
 #                    HTTP: answer p95 5.5 -> 5.0 s against 12; docs/speed.md)
@@ -65,7 +65,6 @@ KV_CELLS = 4096  # a case's KV: its system prompt and ~8 whole conversations at 
 SEQUENCES = 32  # a case's system prompt and up to 31 conversations kept at once
 BATCH_TOKENS = 512  # the most tokens in one llama_decode
 PREFILL_CHUNK = 128  # the most tokens of one prompt in a pass: a long one does not hold everyone's next token up
-FIRST_WORDS_TOKENS = 4  # an answer's first words, about: its case's pass goes before those of answers under way
 
 
 @contextmanager
@@ -440,7 +439,7 @@ class LlamaCppEngine:
             self._finish(c, s)
         decoding = [s for s in c.sequences.values() if s.request is not None and not s.pending]
         prefilling = [s for s in c.sequences.values() if s.request is not None and s.pending]
-        starting = prefilling or any(len(s.answer) < FIRST_WORDS_TOKENS for s in decoding)
+        starting = prefilling or any(not s.request.shown for s in decoding)
         budget = STARTING_BUDGET if starting else DRAFT_BUDGET
         guess_len = min(self.draft_tokens, budget // max(len(decoding), 1) - 1)
         plan: list[tuple[_Sequence, list[int], int]] = []  # (sequence, tokens evaluated, logits rows)
@@ -603,10 +602,10 @@ class _Context:
         return sum(s.request is not None for s in self.sequences.values())
 
     def due(self) -> tuple[bool, float]:
-        """Its most urgent answer in progress, as a sort key: one still short of its first words (FIRST_WORDS_TOKENS)
-        before any other, then the one asked longest ago."""
+        """Its most urgent answer in progress, as a sort key: one whose first words the player has not seen yet
+        (Request.shown) before any other, then the one asked longest ago."""
         answers = [s for s in self.sequences.values() if s.request is not None]
-        starting = [s.request.submitted for s in answers if len(s.answer) < FIRST_WORDS_TOKENS]
+        starting = [s.request.submitted for s in answers if not s.request.shown]
         return (not starting, min(starting or [s.request.submitted for s in answers], default=math.inf))
 
     def use_threads(self, threads: int, threads_batch: int) -> None:

@@ -265,7 +265,7 @@ class Suspect:
                 raw = self.tokenizer.decode(produced, skip_special_tokens=False)
                 now = visible_answer(raw, ended)
                 if now and now != shown and not may_repeat(now, transcript):
-                    shown = now
+                    shown, request.shown = now, True
                     yield shown
                 if not ended and answer_settled(raw):
                     settled = True

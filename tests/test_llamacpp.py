@@ -16,7 +16,7 @@ pytest.importorskip("llama_cpp")
 from game import adapters as adapter_files  # noqa: E402
 from game.drafts import Drafts  # noqa: E402
 from game.engine import Request  # noqa: E402
-from game.llamacpp import FIRST_WORDS_TOKENS, LlamaCppEngine, gguf_of  # noqa: E402
+from game.llamacpp import LlamaCppEngine, gguf_of  # noqa: E402
 from game.llamacpp_files import bf16_gguf, gguf_lora, merged_gguf  # noqa: E402
 from game.prompt import chat  # noqa: E402
 from game.scenario import load_cases  # noqa: E402
@@ -335,39 +335,67 @@ def test_an_answer_left_before_its_end_keeps_its_conversation(suspects, case_and
 
 
 class Timed(queue.Queue):
-    """A request's tokens, each with when the engine handed it out."""
+    """A request's tokens, each with when the engine handed it out and whether the player had seen the answer begin
+    then. words: its reader shows the first words with the words-th token (as Suspect.stream shows the first whole
+    word); None: the reader says so itself."""
 
-    def __init__(self):
+    def __init__(self, request: Request, words: int | None = None):
         super().__init__()
         self.at: list[float] = []
+        self.shown: list[bool] = []
+        self.request, self.words = request, words
 
     def put(self, item, block=True, timeout=None):
         self.at.append(time.perf_counter())
+        if len(self.at) == self.words:
+            self.request.shown = True
+        self.shown.append(self.request.shown)
         super().put(item, block, timeout)
 
 
 def test_a_new_question_has_its_first_words_before_answers_under_way_go_on(base, case_and_adapter):
     # One lane, one token a pass, two cases: the bare base answering at length, then the case asked. The lane takes the
-    # new question's case until its answer has its first words (at most the pass already running of the other comes
-    # between), then the longest-waiting answer until it is whole, then the newer one.
+    # new question's case until the player sees its answer's first words (at most the pass already running of the
+    # other comes between), then the longest-waiting answer until it is whole, then the newer one.
     case, info = case_and_adapter
     suspect = small_suspect(base, info, lanes=1)
     engine = suspect._engine
 
-    def submit(adapter):
+    def submit(adapter, words):
         prompt, prefix = suspect._prompt(case, chat(case, [], QUESTIONS[0]))
-        return engine.submit(Request(prompt, adapter, prefix, TOKENS, 1.1, tokens=Timed()))
+        request = Request(prompt, adapter, prefix, TOKENS, 1.1)
+        request.tokens = Timed(request, words)
+        return engine.submit(request)
 
-    under_way = submit(None)
-    while len(under_way.tokens.at) < FIRST_WORDS_TOKENS + 2:
+    under_way = submit(None, 4)
+    while len(under_way.tokens.at) < 6:
         time.sleep(0.005)
     asked = time.perf_counter()
-    new = submit(case.id)
+    new = submit(case.id, 7)  # a first word of several tokens: no word is whole before the seventh token
     answers = read(under_way), read(new)
-    assert len(answers[0]) > FIRST_WORDS_TOKENS + 4 and len(answers[1]) > FIRST_WORDS_TOKENS, answers
-    first_words = new.tokens.at[FIRST_WORDS_TOKENS - 1]
+    assert len(answers[0]) > 10 and len(answers[1]) > 7, answers
+    first_words = new.tokens.at[6]
     assert sum(asked < at < first_words for at in under_way.tokens.at) <= 1
-    assert new.tokens.at[FIRST_WORDS_TOKENS] > under_way.tokens.at[-1]  # the older answer went on first, to its end
+    assert new.tokens.at[7] > under_way.tokens.at[-1]  # the older answer went on first, to its end
+
+
+def test_the_player_seeing_an_answer_begin_is_what_ends_its_head_start(base, case_and_adapter):
+    # Suspect.stream tells the engine when the first words are on the player's screen, not at the first token: a word
+    # is whole only once the token after it begins another (and an answer that may be a repeat is held back longer).
+    case, info = case_and_adapter
+    suspect = small_suspect(base, info)
+    submit, submitted = suspect._engine.submit, []
+
+    def timed(request):
+        request.tokens = Timed(request)
+        submitted.append(request)
+        return submit(request)
+
+    suspect._engine.submit = timed
+    stream = suspect.stream(case, [], QUESTIONS[0])
+    first = next(stream)
+    assert first and submitted[-1].shown
+    assert submitted[-1].tokens.shown[:2] == [False, False], submitted[-1].tokens.shown
 
 
 def test_guessing_players_answered_together_get_their_answers_alone(suspects, case_and_adapter):
