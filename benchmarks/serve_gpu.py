@@ -115,7 +115,7 @@ def figures(rows: list, wall: float) -> dict:
 def fixed_run(suspect, cases: list, players: int, tokens: int, offset: int) -> dict:
     """Each player asks one question and gets exactly `tokens` new tokens: the engine's eos is set aside. Runs with
     different offsets ask different questions, so that none finds its whole prompt cached by an earlier run."""
-    from game.engine import Request
+    from game.serving import Request
     from game.prompt import chat
 
     engine = suspect._engine

@@ -42,8 +42,8 @@ from gguf import GGMLQuantizationType
 
 from game.base import EMBEDDED, Base, embedded_gguf, native_cpu_bf16
 from game.config import ConfigError
-from game.engine import IDLE_POLL_S, PrefixCache, Request, common_prefix, start_worker
 from game.llamacpp_files import bf16_gguf, gguf_lora, merged_gguf
+from game.serving import IDLE_POLL_S, PrefixCache, Request, common_prefix, start_worker
 
 log = logging.getLogger(__name__)
 

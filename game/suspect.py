@@ -32,10 +32,11 @@ from game.adapters import AdapterInfo
 from game.base import Base
 from game.config import ConfigError
 from game.drafts import Drafts
-from game.engine import BatchedEngine, Request, common_prefix
+from game.engine import BatchedEngine
 from game.phrases import normalize, same_answer
 from game.prompt import chat, system_prompt
 from game.scenario import Case
+from game.serving import Request, common_prefix
 from game.session import Exchange
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from game.engine import BatchedEngine, PrefixCache, Request
+from game.engine import BatchedEngine
+from game.serving import PrefixCache, Request
 from game.prompt import chat
 from game.scenario import load_cases
 

@@ -15,7 +15,7 @@ pytest.importorskip("llama_cpp")
 
 from game import adapters as adapter_files  # noqa: E402
 from game.drafts import Drafts  # noqa: E402
-from game.engine import Request  # noqa: E402
+from game.serving import Request  # noqa: E402
 from game.llamacpp import LlamaCppEngine, gguf_of  # noqa: E402
 from game.llamacpp_files import bf16_gguf, gguf_lora, merged_gguf  # noqa: E402
 from game.prompt import chat  # noqa: E402
