@@ -24,7 +24,7 @@ import httpx
 from game.prompt import chat
 from game.scenario import Case
 from game.session import Exchange
-from game.suspect import GenerationSettings, answer_settled, clean_answer, may_repeat, not_again, visible_answer
+from game.suspect import GenerationSettings, answer_settled, clean_answer, final_answer, may_repeat, visible_answer
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # its line per request, one per answer, would drown the game's
@@ -140,7 +140,7 @@ class RemoteSuspect:
         if stats is not None:
             stats.update(new_tokens=chunks, first_token_s=(first or time.perf_counter()) - started,
                          total_s=time.perf_counter() - started, settled_early=settled, finish_reason=reason)
-        yield not_again(case, transcript, clean_answer(raw, finished=settled or reason != "length"))
+        yield final_answer(case, transcript, clean_answer(raw, finished=settled or reason != "length"))
 
     def answer(self, case: Case, transcript: Sequence[Exchange], question: str) -> str:
         final = ""

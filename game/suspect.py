@@ -2,7 +2,8 @@
 
 An answer is generated greedily over the tokenizer's chat template of `game.prompt.chat`, streamed as it grows, and
 cleaned at the end: no role tokens, no text after the suspect's turn, no half sentence, no repeated sentence, and
-never an answer this interrogation has already heard (a reminder instead: `not_again`).
+never an answer this interrogation has already heard (a reminder instead), never none (an evasion instead):
+`final_answer`.
 Generation stops as soon as more text could no longer change the cleaned answer (three sentences are complete, or
 the turn has ended on a whole sentence), which is the same answer sooner.
 
@@ -97,19 +98,24 @@ def answer_settled(raw: str) -> bool:
 
 def may_repeat(shown: str, transcript: Sequence[Exchange]) -> bool:
     """Whether an answer streaming out could still be one this interrogation has heard: it is held back until it
-    cannot, so that a player never sees a repeat begin before `not_again` replaces it."""
+    cannot, so that a player never sees a repeat begin before `final_answer` replaces it."""
     start = normalize(shown)
     return any(normalize(e.answer).startswith(start) for e in transcript)
 
 
-def not_again(case: Case, transcript: Sequence[Exchange], answer: str) -> str:
-    """The answer, or where it repeats one this interrogation has heard, a reminder ("I've told you already") in the
-    suspect's manner: the first of the case's that it has not said yet."""
+def final_answer(case: Case, transcript: Sequence[Exchange], answer: str) -> str:
+    """The cleaned answer as the player gets it: the model's words, or a line of the case's in the suspect's manner,
+    the first of them this interrogation has not heard yet. A reminder ("I've told you already") where the answer
+    repeats one heard before; an evasion where the model said nothing at all (it ended its turn at once, or wrote only
+    what is not the suspect's): an empty bubble is no answer a player can read."""
     earlier = [e.answer for e in transcript]
-    if not any(same_answer(answer, e) for e in earlier):
+    if answer and not any(same_answer(answer, e) for e in earlier):
         return answer
-    fresh = [r for r in case.repeat_lines if not any(same_answer(r, e) for e in earlier)]
-    return (fresh or case.repeat_lines)[0]
+    lines = case.repeat_lines if answer else case.evasion.answers
+    fresh = [line for line in lines if not any(same_answer(line, e) for e in earlier)]
+    return (fresh or lines)[0]
+
+
 def visible_answer(raw: str, ended: bool) -> str:
     """What of an answer still streaming to show: whole words only (as transformers' TextIteratorStreamer does),
     cut at the end of the turn."""
@@ -278,7 +284,7 @@ class Suspect:
             stats.update(prompt_tokens=len(prompt), cached_tokens=request.cached_tokens, new_tokens=len(produced),
                          first_token_s=first - started, total_s=time.perf_counter() - started, settled_early=settled,
                          drafted_tokens=request.drafted_tokens, accepted_tokens=request.accepted_tokens)
-        yield not_again(case, transcript, clean_answer(raw, finished=settled or len(produced) < s.max_new_tokens))
+        yield final_answer(case, transcript, clean_answer(raw, finished=settled or len(produced) < s.max_new_tokens))
 
     def answer(self, case: Case, transcript: Sequence[Exchange], question: str) -> str:
         final = ""

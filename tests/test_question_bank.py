@@ -12,7 +12,7 @@ from game.bank import bank, intent_names
 from game.phrases import likeness
 from game.scenario import Case, advice, read_case
 from game.session import Exchange
-from game.suspect import not_again
+from game.suspect import final_answer
 from training.data import case_chats
 from training.scoring import REMINDER, Asked, source_topic, summarize
 
@@ -202,5 +202,12 @@ def test_offscript_answers_count_for_leaks_and_character():
 def test_an_answer_heard_before_becomes_a_reminder_not_said_yet():
     transcript = [Exchange("Where were you?", "Home, after locking up at six."),
                   Exchange("Again?", "I have told you that once, detective.")]
-    assert not_again(CASE, transcript, "Home, after locking up at six!") == "Asked and answered, I believe."
-    assert not_again(CASE, transcript, "Six o'clock, then my cottage.") == "Six o'clock, then my cottage."
+    assert final_answer(CASE, transcript, "Home, after locking up at six!") == "Asked and answered, I believe."
+    assert final_answer(CASE, transcript, "Six o'clock, then my cottage.") == "Six o'clock, then my cottage."
+
+
+def test_an_answer_of_no_words_becomes_an_evasion_not_said_yet():
+    # The model can end its turn at once, or write only what the cleaning cuts away (the detective's next line).
+    assert final_answer(CASE, [], "") == "Latin names are all I care for, detective."
+    transcript = [Exchange("How do you feel?", "Latin names are all I care for, detective.")]
+    assert final_answer(CASE, transcript, "") == "That is no business of a gardener's."

@@ -133,3 +133,17 @@ def test_a_prepared_case_answers_its_first_question_without_recomputing_its_syst
         cached[case.id] = stats["cached_tokens"]
     system_tokens = suspect._prompt(prepared, chat(prepared, [], "?"))[1]
     assert system_tokens > 0 and cached[prepared.id] >= system_tokens > cached[unprepared.id]
+
+
+class Silent:
+    """An engine whose model ends its turn before a word."""
+    draft_tokens = 0
+
+    def submit(self, request):
+        request.tokens.put(None)
+        return request
+
+
+def test_a_suspect_that_says_nothing_gives_an_evasion_not_an_empty_answer(suspect, monkeypatch):
+    monkeypatch.setattr(suspect, "_engine", Silent())
+    assert list(suspect.stream(CASE, [], "How did you feel when you heard?")) == [CASE.evasion.answers[0]]
