@@ -356,6 +356,34 @@ def test_labels_cover_the_suspects_answers_and_nothing_else(base, tmp_path):
     assert tokenizer.decode(ids) == AutoTokenizer.from_pretrained(base.path).apply_chat_template(messages, tokenize=False)
 
 
+@pytest.mark.parametrize("max_length", [768, 124])
+def test_the_chats_reach_trl_tokenized_as_trl_itself_tokenizes_them(base, tmp_path, max_length):
+    """make_trainer tokenizes every chat in one call (training.data.tokenized); trl's own preparation of the same
+    chats gives the same input ids and labels, cut and dropped alike where a chat runs past max_length."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    chats = case_chats(CASE, 40, seed=5)
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    _, data_args, _, train_args = parse([CASE.id, "--max_length", str(max_length)])
+    ours = training.make_trainer(
+        AutoModelForCausalLM.from_pretrained(base.path), tokenizer, LoraConfig(r=2, task_type="CAUSAL_LM"), chats,
+        tmp_path / "ours", {"optim": "adamw_torch", "gradient_checkpointing": False, "compile": False},
+        "hf", False, data_args, train_args.resolved(on_gpu=False),
+    )
+    config = SFTConfig(output_dir=str(tmp_path / "trl"), assistant_only_loss=True, max_length=max_length, bf16=False,
+                       chat_template_path=training.training_chat_template(tokenizer), use_cpu=True, report_to="none")
+    trls = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(base.path), args=config, train_dataset=chats,
+                      processing_class=tokenizer, peft_config=LoraConfig(r=2, task_type="CAUSAL_LM"))
+    assert "messages" not in ours.train_dataset.column_names  # prepared here, not by trl
+    assert ours.train_dataset["input_ids"] == trls.train_dataset["input_ids"]
+    assert ours.train_dataset["labels"] == trls.train_dataset["labels"]
+    if max_length < 768:  # the cut was exercised: some chats were dropped for it, and some cut short
+        assert len(trls.train_dataset) < len(chats)
+        assert max(len(ids) for ids in ours.train_dataset["input_ids"]) == max_length
+
+
 @pytest.mark.parametrize("step_metrics", [False, True])
 def test_a_training_step_computes_trls_loss_and_its_metrics_only_when_asked(base, tmp_path, step_metrics):
     """trl's per-step metrics each read a value back from the device, so the recipe's trainer leaves them out unless

@@ -40,7 +40,7 @@ from game.base import EMBEDDED, Base, BaseModelError, file_sha256, resolve
 from game.prompt import chat
 from game.scenario import LoadedCase, read_cases
 from training.config import DataArguments, LoraArguments, ScriptArguments, TrainArguments, recipe
-from training.data import case_chats, load_case, load_conversations
+from training.data import case_chats, load_case, load_conversations, tokenized
 
 log = logging.getLogger("training")
 
@@ -459,6 +459,10 @@ def make_trainer(model, tokenizer, peft_config, dataset: Dataset, work: Path, hy
     from trl import SFTConfig, SFTTrainer
 
     mixed = autocast(backend, on_gpu, getattr(model, "is_loaded_in_4bit", False))
+    template = training_chat_template(tokenizer)
+    if template is not None and backend == "hf":  # Unsloth's trainer prepares its data its own way
+        dataset = tokenized(dataset, tokenizer, Path(template).read_text(), data_args.max_length)
+    prepared = "input_ids" in dataset.column_names
     settings = dict(
         output_dir=str(work),
         max_steps=train.steps or -1,
@@ -477,9 +481,10 @@ def make_trainer(model, tokenizer, peft_config, dataset: Dataset, work: Path, hy
         fp16=mixed == "fp16",
         gradient_checkpointing=hyper["gradient_checkpointing"] is True,
         max_length=data_args.max_length,
-        # Loss on the suspect's answers only: trl masks what lies outside {% generation %} in the chat template.
-        assistant_only_loss=True,
-        chat_template_path=training_chat_template(tokenizer),
+        # Loss on the suspect's answers only: what lies outside {% generation %} in the chat template is masked, by
+        # tokenized() where it prepared the chats (trl asks for conversations to do it itself), else by trl.
+        assistant_only_loss=not prepared,
+        chat_template_path=template,
         logging_steps=train.logging_steps,
         logging_nan_inf_filter=False,  # a NaN must reach the validation step, not be smoothed over
         save_strategy="steps",
@@ -489,7 +494,8 @@ def make_trainer(model, tokenizer, peft_config, dataset: Dataset, work: Path, hy
         report_to="none",
         disable_tqdm=False,
         # trl tokenizes ~500 chats a second in one process: the GPU recipe's 3,200 took ~6 s of a 65-100 s command.
-        dataset_num_proc=min(os.cpu_count() or 1, len(dataset) // CHATS_PER_TOKENIZER) or None,
+        # What is left of its preparation for chats tokenized here (a cut and a filter) is quicker than a pool's start.
+        dataset_num_proc=None if prepared else min(os.cpu_count() or 1, len(dataset) // CHATS_PER_TOKENIZER) or None,
         dataloader_num_workers=0,
         dataloader_pin_memory=on_gpu,
     )
