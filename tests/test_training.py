@@ -22,6 +22,7 @@ from game.phrases import found
 from game.prompt import system_prompt
 from game.base import file_sha256
 from game.scenario import Case
+from training import save as saving
 from training import train as training
 from training.config import CPU_RECIPE, GPU_RECIPE, PRIOR, LoraArguments, native_cpu_bf16, parse
 from training.data import DataError, case_chats, load_case, load_conversations
@@ -164,9 +165,9 @@ def test_crash_while_saving_leaves_the_previous_adapter(trained, scenarios, base
     def crash(*a, **k):  # by then the new weights are written: the new folder is half done
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "plot_loss", crash)
+    monkeypatch.setattr(saving, "plot_loss", crash)
     with pytest.raises(KeyboardInterrupt):
-        training.save_adapter(output, model, base, meta, [(1, 2.0)], load_case(scenarios, CASE.id))
+        saving.save_adapter(output, model, base, meta, [(1, 2.0)], load_case(scenarios, CASE.id))
     assert snapshot(output) == before
     assert [p.name for p in tmp_path.iterdir()] == [CASE.id]  # no half-written folder left beside it
 
