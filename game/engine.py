@@ -406,6 +406,11 @@ class BatchedEngine:
         self._queue.put(request)
         return request
 
+    def cancel_all(self) -> None:
+        """Stop every answer it holds (the interpreter is exiting)."""
+        for r in [r for r in list(self._rows) if r is not None] + list(self._waiting):
+            r.cancelled.set()
+
     # --- the worker -----------------------------------------------------------------------------------------------
 
     def work(self) -> None:

@@ -233,6 +233,13 @@ class LlamaCppEngine:
         self._queue.put(request)
         return request
 
+    def cancel_all(self) -> None:
+        """Stop every answer it holds (the interpreter is exiting)."""
+        answering = [s.request for c in list(self._contexts.values()) for s in list(c.sequences.values())]
+        for r in [*list(self._players), *list(self._warm_ups), *answering]:
+            if r is not None:
+                r.cancelled.set()
+
     def work(self) -> None:
         """Take the queued requests, give each waiting one a sequence where its case's context is between passes, and
         start a pass of every case with answers in progress that a free lane can take. There is no step that every

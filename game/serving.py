@@ -133,7 +133,7 @@ _exiting = threading.Event()
 
 
 def start_worker(engine, name: str) -> None:
-    """Run engine.work() in a daemon thread that holds the engine only weakly, so that a dropped Suspect (tests make
+    """Run engine.work() (and at exit engine.cancel_all()) in a daemon thread that holds the engine only weakly, so that a dropped Suspect (tests make
     many) is freed with its model, and that ends before the interpreter does: a thread killed inside torch's C++
     (freeing a model, say) aborts the process."""
     ref = weakref.ref(engine)
@@ -159,8 +159,6 @@ def start_worker(engine, name: str) -> None:
 def _stop_workers() -> None:
     _exiting.set()
     for engine in list(_engines):
-        for r in list(getattr(engine, "_rows", [])) + list(getattr(engine, "_waiting", [])):
-            if r is not None:
-                r.cancelled.set()
+        engine.cancel_all()
     for thread in list(_workers):
         thread.join(timeout=30)

@@ -147,3 +147,22 @@ class Silent:
 def test_a_suspect_that_says_nothing_gives_an_evasion_not_an_empty_answer(suspect, monkeypatch):
     monkeypatch.setattr(suspect, "_engine", Silent())
     assert list(suspect.stream(CASE, [], "How did you feel when you heard?")) == [CASE.evasion.answers[0]]
+
+
+@pytest.mark.parametrize("engine", ["llama.cpp", "torch"])
+def test_an_engine_told_to_cancel_all_ends_every_answer_it_holds(base, engine):
+    """What the exit hook (game.serving) asks of each engine: every answer in progress or waiting ends at once."""
+    from game.serving import Request
+
+    suspect = Suspect(base, device="cpu", engine=engine)
+    prompt, prefix = suspect._prompt(CASE, chat(CASE, [], "Tell me all you did last week, day by day."))
+    requests = [suspect._engine.submit(Request(prompt, None, prefix, 400, 1.0)) for _ in range(3)]
+    first = requests[0].tokens.get(timeout=60)  # under way: one answering, the others answering or waiting
+    assert isinstance(first, int)
+    suspect._engine.cancel_all()
+    for request in requests:
+        produced = 0
+        while (item := request.tokens.get(timeout=60)) is not None:
+            assert not isinstance(item, BaseException)
+            produced += 1
+        assert produced < 390  # the 400 asked for (a repetition penalty of 1.0 lets the base loop until then)
