@@ -91,7 +91,8 @@ def main(args: Args) -> dict:
     from game.base import resolve
     from training.config import DataArguments, LoraArguments, TrainArguments
     from training.data import case_chats, load_case
-    from training.train import add_lora, hyperparameters, load_base, make_trainer, step_meter
+    from training.callbacks import step_meter
+    from training.train import add_lora, hyperparameters, load_base, make_trainer
 
     embedded = resolve(args.base)
     if args.shape == "smollm2-135m":

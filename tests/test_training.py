@@ -22,6 +22,7 @@ from game.phrases import found
 from game.prompt import system_prompt
 from game.base import file_sha256
 from game.scenario import Case
+from training import callbacks
 from training import save as saving
 from training import train as training
 from training.config import CPU_RECIPE, GPU_RECIPE, PRIOR, LoraArguments, native_cpu_bf16, parse
@@ -200,7 +201,7 @@ def test_a_run_past_its_minutes_drops_the_steps_that_do_not_fit_and_says_so(scen
     output = tmp_path / CASE.id
     training.main(*args(scenarios, output, "--steps", "30", "--minutes", "0.001"))
     meta = adapters.read_meta(output)
-    kept = 1 + training.PACE_STEPS
+    kept = 1 + callbacks.PACE_STEPS
     assert meta["steps"] == kept and meta["steps_cut_for_time"] == 30 - kept
     assert meta["hyperparameters"]["steps"] == 30 and meta["hyperparameters"]["minutes"] == 0.001
     assert f"{kept} steps ({30 - kept} more planned, dropped to end within 0.001 minutes)" in (
@@ -214,10 +215,10 @@ def run_on_a_clock(monkeypatch, step_seconds, seconds: float):
     from transformers import TrainerControl, TrainerState, get_scheduler
 
     now = [0.0]
-    monkeypatch.setattr(training.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: now[0])
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=100)
-    budget = training.time_budget(seconds=seconds + training.AFTER_TRAINING_S, started=0.0)
+    budget = callbacks.time_budget(seconds=seconds + callbacks.AFTER_TRAINING_S, started=0.0)
     state, control, plans = TrainerState(max_steps=100), TrainerControl(), []
     while not control.should_training_stop:
         now[0] += step_seconds(state.global_step)

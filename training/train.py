@@ -7,15 +7,15 @@
     python -m training museum-brooch --backend hf           # plain transformers + peft + trl even on a GPU
 
 main() reads as litgpt's finetune/lora.py: setup -> fit -> validate -> save. The trainer is trl's SFTTrainer on both
-backends; the code here only picks the backend, loads the model for it and drives the run; training/save.py writes
-the adapter folder that game/adapters.py reads (PEFT files + training_meta.json + README.md + loss.png), atomically.
+backends; the code here only picks the backend, loads the model for it and drives the run; training/callbacks.py
+times it (and keeps it within --minutes), training/save.py writes the adapter folder that game/adapters.py reads
+(PEFT files + training_meta.json + README.md + loss.png), atomically.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -25,7 +25,6 @@ import os
 import platform
 import resource
 import shutil
-import statistics
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -40,6 +39,7 @@ from game.prompt import chat
 from game.scenario import LoadedCase, read_cases
 from training.config import DataArguments, LoraArguments, ScriptArguments, TrainArguments, recipe
 from training.data import case_chats, load_case, load_conversations, tokenized
+from training.callbacks import TokenCount, step_meter, time_budget
 from training.save import save_adapter
 
 log = logging.getLogger("training")
@@ -49,10 +49,6 @@ RUN_FILE = "run.json"  # in the work dir: what the checkpoints there were traine
 META_VERSION = 1
 CHATS_PER_TOKENIZER = 500  # a tokenizing process for each this many chats: fewer cost more to start than they save
 LARGE_BASE_PARAMS = 2e9  # from here on a base is loaded in 4-bit on the GPU unless told otherwise
-# --minutes: the steps whose median time is the pace (after a first one that pays one-off costs), and the seconds
-# kept for what follows training, the sample answer and the writing of the folder (~3-6 s on 2 cores).
-PACE_STEPS = 5
-AFTER_TRAINING_S = 10.0
 
 
 class TrainingError(RuntimeError):
@@ -534,95 +530,6 @@ def loss_only_sft_trainer():
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     return LossOnlySFTTrainer
-
-
-class TokenCount:
-    """The trainer's collator, counting the tokens (not padding) of the batches it builds, on the host."""
-
-    def __init__(self, collate):
-        self.collate, self.tokens = collate, 0
-
-    def __call__(self, examples):
-        batch = self.collate(examples)
-        mask = batch.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        return batch
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# fit
-
-
-def step_meter(trainer):
-    """A callback measuring training time and tokens of this process (a resumed run counts only what it trained)."""
-    from transformers import TrainerCallback  # here, not at the top: Unsloth must be imported before transformers
-
-    counted = isinstance(trainer.data_collator, TokenCount)  # else transformers' count (Unsloth, --step_metrics)
-
-    def seen(state) -> int:
-        return trainer.data_collator.tokens if counted else state.num_input_tokens_seen
-
-    class Meter(TrainerCallback):
-        def __init__(self):
-            self.seconds, self.tokens = 0.0, 0
-            self._t0 = self._tokens0 = None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if self._t0 is None:  # the first step, after any checkpoint has been loaded (its batch is built by now)
-                self._t0, self._tokens0 = time.perf_counter(), 0 if counted else state.num_input_tokens_seen
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self._t0 is not None:
-                self.seconds = time.perf_counter() - self._t0
-                self.tokens = seen(state) - self._tokens0
-
-    return Meter()
-
-
-def time_budget(seconds: float, started: float):
-    """A callback that ends training in time for the case's wall-clock budget, counted from `started`
-    (perf_counter), what follows training included (AFTER_TRAINING_S). After every step once PACE_STEPS have been
-    timed after the first, the pace of the last PACE_STEPS says how many of the planned steps end within the budget:
-    the ones past it are dropped (back again if the pace picks up), and the learning rate's decay ends at the last step
-    kept."""
-    from transformers import TrainerCallback
-
-    class Budget(TrainerCallback):
-        def __init__(self):
-            self.planned = None
-            self.ends: list[float] = []  # when each step of this run ended; the first pays one-off costs
-
-        def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
-            now = time.perf_counter()
-            self.ends.append(now)
-            if self.planned is None:
-                self.planned = state.max_steps
-            if len(self.ends) <= PACE_STEPS:
-                return
-            recent = self.ends[-PACE_STEPS - 1:]
-            # the median: a step slowed by a neighbour on a shared machine does not cut the rest
-            pace = statistics.median(b - a for a, b in zip(recent, recent[1:]))
-            fit = state.global_step + max(0, int((started + seconds - AFTER_TRAINING_S - now) // pace))
-            keep = min(self.planned, fit)
-            if keep != state.max_steps:
-                if state.max_steps == self.planned:  # said as the whole plan is cut; the steps trained are in the meta
-                    log.info("%.1f s a step here: %d of the %d steps end within %g minutes", pace, keep, self.planned,
-                             seconds / 60)
-                state.max_steps = keep
-                decay_to(lr_scheduler, keep)
-            if state.global_step >= state.max_steps:
-                control.should_training_stop = True
-
-    return Budget()
-
-
-def decay_to(scheduler, steps: int) -> None:
-    """The schedule's decay moved to end at `steps`: transformers' schedules are LambdaLRs of a partial taking
-    `num_training_steps` (linear, cosine, polynomial...); one without it (constant) has nothing to move."""
-    for i, lr_lambda in enumerate(getattr(scheduler, "lr_lambdas", ())):
-        if isinstance(lr_lambda, functools.partial) and "num_training_steps" in lr_lambda.keywords:
-            scheduler.lr_lambdas[i] = functools.partial(lr_lambda.func, *lr_lambda.args,
-                                                        **lr_lambda.keywords | {"num_training_steps": steps})
 
 
 # ---------------------------------------------------------------------------------------------------------------
