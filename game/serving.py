@@ -133,9 +133,9 @@ _exiting = threading.Event()
 
 
 def start_worker(engine, name: str) -> None:
-    """Run engine.work() (and at exit engine.cancel_all()) in a daemon thread that holds the engine only weakly, so that a dropped Suspect (tests make
-    many) is freed with its model, and that ends before the interpreter does: a thread killed inside torch's C++
-    (freeing a model, say) aborts the process."""
+    """Run engine.work() in a daemon thread that holds the engine only weakly, so that a dropped Suspect (tests make
+    many) is freed with its model, and that ends before the interpreter does (engine.cancel_all() first): a thread
+    killed inside torch's C++ (freeing a model, say) aborts the process."""
     ref = weakref.ref(engine)
 
     def loop() -> None:
