@@ -95,21 +95,17 @@ def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int
     return Dataset.from_list(rows)
 
 
-def tokenized(dataset: Dataset, tokenizer, chat_template: str, max_length: int) -> Dataset:
-    """The chats as trl's SFTTrainer prepares them for `assistant_only_loss` (input_ids; labels -100 outside the
-    suspect's answers; cut at max_length, a chat left with no answer to learn dropped), in one call of the tokenizer's
-    chat template for all of them: its Rust tokenizer then encodes every chat at once on every core, where trl's
-    preparation encodes one chat at a time (~1 ms each: most of a GPU command's ~10 s of data for 3,200 chats).
-    trl takes a dataset that has input_ids as prepared."""
+def tokenized(dataset: Dataset, tokenizer, chat_template: str) -> Dataset:
+    """The chats as trl's SFTTrainer tokenizes them for `assistant_only_loss` (input_ids; labels -100 outside the
+    suspect's answers), in one call of the tokenizer's chat template for all of them: its Rust tokenizer then encodes
+    every chat at once on every core, where trl's preparation encodes one chat at a time (~1 ms each: most of a GPU
+    command's ~10 s of data for 3,200 chats). trl takes a dataset that has input_ids as tokenized, and still cuts it
+    at max_length and drops a chat left with no answer to learn."""
     out = tokenizer.apply_chat_template(list(dataset["messages"]), chat_template=chat_template, tokenize=True,
                                         return_dict=True, return_assistant_tokens_mask=True)
-    rows: dict[str, list] = {"input_ids": [], "labels": []}
-    for ids, mask in zip(out["input_ids"], out["assistant_masks"]):
-        labels = [token if learned else -100 for token, learned in zip(ids, mask)][:max_length]
-        if any(label != -100 for label in labels):
-            rows["input_ids"].append(ids[:max_length])
-            rows["labels"].append(labels)
-    return Dataset.from_dict(rows)
+    labels = [[token if learned else -100 for token, learned in zip(ids, mask)]
+              for ids, mask in zip(out["input_ids"], out["assistant_masks"])]
+    return Dataset.from_dict({"input_ids": out["input_ids"], "labels": labels})
 
 
 def load_conversations(path: Path, case: Case) -> Dataset:

@@ -37,9 +37,9 @@ from game.bank import PATH as BANK
 from game.base import EMBEDDED, Base, BaseModelError, file_sha256, resolve
 from game.prompt import chat
 from game.scenario import LoadedCase, read_cases
+from training.callbacks import TokenCount, step_meter, time_budget
 from training.config import DataArguments, LoraArguments, ScriptArguments, TrainArguments, recipe
 from training.data import case_chats, load_case, load_conversations, tokenized
-from training.callbacks import TokenCount, step_meter, time_budget
 from training.save import save_adapter
 
 log = logging.getLogger("training")
@@ -457,7 +457,7 @@ def make_trainer(model, tokenizer, peft_config, dataset: Dataset, work: Path, hy
     mixed = autocast(backend, on_gpu, getattr(model, "is_loaded_in_4bit", False))
     template = training_chat_template(tokenizer)
     if template is not None and backend == "hf":  # Unsloth's trainer prepares its data its own way
-        dataset = tokenized(dataset, tokenizer, Path(template).read_text(), data_args.max_length)
+        dataset = tokenized(dataset, tokenizer, Path(template).read_text())
     prepared = "input_ids" in dataset.column_names
     settings = dict(
         output_dir=str(work),
