@@ -125,8 +125,8 @@ def test_a_prepared_case_answers_its_first_question_without_recomputing_its_syst
                                                     "suspect": CASE.suspect.model_copy(update={"name": name})})
                             for name in ("Prudence Vale", "Ambrose Kettle"))
     warm_up = suspect.prepare(prepared)
-    while warm_up.tokens.get(timeout=120) is not None:  # done: a player's question sent sooner goes before it
-        pass
+    while (item := warm_up.tokens.get(timeout=120)) is not None:  # done: a question sent sooner goes before it
+        assert not isinstance(item, BaseException), item  # a failed warm-up puts its error, and no None after it
     cached = {}
     for case in (prepared, unprepared):
         stats = {}
