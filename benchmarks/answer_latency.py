@@ -68,8 +68,7 @@ def open_suspect(args: Arguments, cases: dict, standins: Path, settle: bool = Tr
     loaded = {case_id: suspect.load_adapter(info) for case_id, info in infos.items()}
     prepared = [suspect.prepare(cases[case_id].case) for case_id in sorted(cases)]
     for request in prepared if settle else ():
-        while (item := request.tokens.get()) is not None and not isinstance(item, BaseException):
-            pass
+        request.wait()
     kinds = {case_id: ("stand-in" if "stand-in" in info.message else "trained") for case_id, info in infos.items()}
     return suspect, loaded, kinds
 

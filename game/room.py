@@ -201,8 +201,7 @@ def _say_when_warm(warm_ups: list, started: float) -> None:
     """Log when every case's system prompt is computed: until then a first question shares the CPU with them
     (~2 s a case on 2 cores). benchmarks/load.py waits for this line."""
     for request in warm_ups:
-        while (item := request.tokens.get()) is not None and not isinstance(item, BaseException):
-            pass
+        request.wait()
     log.info("suspect ready: %d cases' system prompts computed in %.1f s", len(warm_ups), time.perf_counter() - started)
 
 

@@ -37,6 +37,14 @@ class Request:
     drafted_tokens: int = 0  # guessed tokens checked, and those the model produced itself
     accepted_tokens: int = 0
 
+    def wait(self, timeout: float | None = None) -> BaseException | None:
+        """Read this request's tokens to their end; its error if it failed (an engine puts the error in place of the
+        closing None). `timeout`: for each token, as queue.get's (queue.Empty past it)."""
+        while (item := self.tokens.get(timeout=timeout)) is not None:
+            if isinstance(item, BaseException):
+                return item
+        return None
+
 
 class PrefixCache:
     """KV already computed for token sequences (a case's system prompt; a conversation so far, answer included),
