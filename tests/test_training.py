@@ -621,13 +621,6 @@ def test_the_cpu_trains_a_bf16_base_only_where_it_does_bf16_natively(monkeypatch
     assert training.precision("hf", on_gpu=False, cpu_bf16=True) == "bf16 base, fp32 LoRA"
 
 
-def test_a_bf16_base_on_the_cpu_attends_eagerly_and_an_fp32_one_as_transformers_chooses(base):
-    for flag, eager in (("true", True), ("false", False)):
-        train_args = parse([CASE.id, "--cpu_bf16", flag])[3].resolved(on_gpu=False)
-        model, _ = training.load_base("hf", base, train_args, 512, False)
-        assert (model.config._attn_implementation == "eager") is eager
-
-
 def test_only_unsloth_4bit_bases_and_fp16_gpus_train_under_autocast(monkeypatch):
     assert training.autocast("hf", on_gpu=False) is None and training.precision("hf", on_gpu=False) == "fp32"
     monkeypatch.setattr(training, "_bf16_ok", lambda: True)

@@ -355,10 +355,6 @@ def load_base(backend: str, base: Base, train: TrainArguments, max_length: int, 
         )
     if on_gpu:
         kwargs["device_map"] = {"": 0}
-    elif train.cpu_bf16:
-        # torch's CPU flash attention (sdpa) took 27% of a bf16 step on a 2-core Zen 4, its backward most of it; the
-        # plain matmuls of eager attention run on the CPU's bf16 units: steps 6-24% quicker (docs/training.md).
-        kwargs["attn_implementation"] = "eager"
     return AutoModelForCausalLM.from_pretrained(base.path, **kwargs), AutoTokenizer.from_pretrained(base.path)
 
 
