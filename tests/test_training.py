@@ -625,19 +625,22 @@ def test_only_unsloth_4bit_bases_and_fp16_gpus_train_under_autocast(monkeypatch)
     assert training.autocast("hf", on_gpu=False) is None and training.precision("hf", on_gpu=False) == "fp32"
     monkeypatch.setattr(training, "_bf16_ok", lambda: True)
     assert training.autocast("hf", on_gpu=True) is None  # bf16 base, fp32 LoRA: no casts between them
-    assert training.precision("hf", on_gpu=True) == "bf16 base, fp32 LoRA"
+    assert training.precision("hf", on_gpu=True) == "bf16 base, fp32 LoRA, tf32 matmuls"
     assert training.autocast("unsloth", on_gpu=True) == training.autocast("hf", on_gpu=True, in_4bit=True) == "bf16"
     monkeypatch.setattr(training, "_bf16_ok", lambda: False)
     assert training.autocast("hf", on_gpu=True) == training.autocast("unsloth", on_gpu=True) == "fp16"
 
 
-def test_layers_are_compiled_by_default_only_for_plain_hf_on_a_gpu_with_a_full_precision_base():
+def test_layers_run_as_cuda_graphs_by_default_only_for_plain_hf_on_a_gpu_with_a_full_precision_base():
     _, _, _, train = parse([CASE.id])
     assert train.compiled("hf", on_gpu=True, in_4bit=False)
     assert not train.compiled("hf", on_gpu=False, in_4bit=False)
     assert not train.compiled("unsloth", on_gpu=True, in_4bit=False)
     assert not train.compiled("hf", on_gpu=True, in_4bit=True)  # bitsandbytes' layers and recomputed activations
     assert not parse([CASE.id, "--compile", "false"])[3].compiled("hf", on_gpu=True, in_4bit=False)
+    assert train.cuda_graphs("hf", on_gpu=True, in_4bit=False) == "captured"  # a case alone: nothing to compile
+    assert parse([CASE.id, "--graphs", "compiled"])[3].cuda_graphs("hf", on_gpu=True, in_4bit=False) == "compiled"
+    assert train.cuda_graphs("hf", on_gpu=False, in_4bit=False) is None
 
 
 @pytest.mark.parametrize("memory_gib,cores,jobs", [(141, 16, 8), (80, 16, 6), (24, 16, 2), (141, 4, 2), (8, 2, 1)])
@@ -705,7 +708,7 @@ def test_gpu_adapter_plays_in_the_cpu_game(scenarios, tmp_path, backend, base):
     assert run.returncode == 0, run.stderr[-3000:]
     meta = adapters.read_meta(output)
     assert meta["backend"] == backend and meta["peak_memory_kind"] == "cuda max allocated"
-    assert meta["hyperparameters"]["compile"] == (backend == "hf")  # CUDA-graph layers by default, not Unsloth's
+    assert meta["hyperparameters"]["compile"] == ("captured" if backend == "hf" else False)  # not with Unsloth
     loaded = load_case(scenarios, CASE.id)
     suspect = Suspect(base, device="cpu")
     assert suspect.load_adapter(adapters.inspect(output.parent, loaded, base))

@@ -259,12 +259,22 @@ class TrainArguments:
                           "natively (AVX512-BF16 or AMX), else fp32."},
     )
     # A step of a small base waits on kernel launches, not on the GPU; CUDA graphs replay a layer's launches at once.
-    # The 30 layers share one compiled graph, so the compile (~10 s) is paid once: 12.4 steps of 8 chats a second
-    # against 5.5 eager on an H200, the same loss (docs/training.md). Not for a 4-bit base or recomputed activations.
+    # Not for a 4-bit base (bitsandbytes' layers) or recomputed activations.
     compile: bool | None = field(
         default=None,
-        metadata={"help": "Compile each decoder layer into CUDA graphs (torch.compile, reduce-overhead); default: on a "
-                          "CUDA GPU with --backend hf, a base not in 4-bit and no gradient checkpointing."},
+        metadata={"help": "Run each decoder layer's forward and backward as CUDA graphs (--graphs says how); default: on "
+                          "a CUDA GPU with --backend hf, a base not in 4-bit and no gradient checkpointing."},
+    )
+    # Captured graphs replay the layers' own kernels and have nothing to compile: a case trained alone starts at its
+    # first step (lighthouse-logbook's whole command 52 s against 70 s with compiled ones, cold, on one H200). Compiled
+    # ones fuse the small kernels, ~40% less GPU time a step (66 against 109 ms of kernels for 16 chats): what counts
+    # once several cases share the GPU and it, not the host, is the limit (docs/training.md).
+    graphs: Literal["auto", "captured", "compiled"] = field(
+        default="auto",
+        metadata={"help": "How the layers become CUDA graphs: captured (torch.cuda.make_graphed_callables at the first "
+                          "step, every batch padded to the longest chat) or compiled (torch.compile, reduce-overhead: "
+                          "10-30 s of compiling first, then fused kernels); auto: captured for a case alone on the GPU, "
+                          "compiled for cases trained side by side (--jobs)."},
     )
     # trl's SFTTrainer reads each step's entropy, token accuracy and token count back from the GPU (`.item()`), so
     # the host waits for every step to end before it launches the next: a step of 8 or 16 chats ran 1.9x slower with
@@ -313,6 +323,12 @@ class TrainArguments:
         if self.compile is not None:
             return self.compile
         return on_gpu and backend == "hf" and not in_4bit and not self.checkpointing(in_4bit)
+
+    def cuda_graphs(self, backend: str, on_gpu: bool, in_4bit: bool) -> str | None:
+        """How the decoder layers run as CUDA graphs, 'captured' or 'compiled'; None: as they are."""
+        if not self.compiled(backend, on_gpu, in_4bit):
+            return None
+        return "captured" if self.graphs == "auto" else self.graphs
 
     @property
     def examples_per_step(self) -> int:

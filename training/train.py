@@ -39,6 +39,7 @@ from game.prompt import chat
 from game.scenario import LoadedCase, read_cases
 from training.callbacks import TokenCount, step_meter, time_budget
 from training.config import DataArguments, LoraArguments, ScriptArguments, TrainArguments, recipe
+from training.cuda_graphs import fixed_length, graphed_layers
 from training.data import case_chats, load_case, load_conversations, tokenized
 from training.save import save_adapter
 
@@ -150,6 +151,8 @@ def train_side_by_side(script: ScriptArguments, case_ids: list[str], data_args: 
     from concurrent.futures import ProcessPoolExecutor
 
     shares = [case_ids[i::workers] for i in range(workers)]
+    if train.graphs == "auto":  # side by side, the GPU is the limit: fused kernels pay back their compiling
+        train = dataclasses.replace(train, graphs="compiled")
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=worker_setup,
                              initargs=(script.backend,)) as pool:
         futures = [pool.submit(main, dataclasses.replace(script, case_ids=share, all=False, jobs=1), data_args, lora,
@@ -288,7 +291,7 @@ def hyperparameters(data_args: DataArguments, lora: LoraArguments, train: TrainA
         "seed": train.seed,
         "precision": ("4bit+" if in_4bit else "") + precision(backend, on_gpu, in_4bit, bool(train.cpu_bf16)),
         "gradient_checkpointing": train.checkpointing(in_4bit) and ("unsloth" if backend == "unsloth" else True),
-        "compile": train.compiled(backend, on_gpu, in_4bit),
+        "compile": train.cuda_graphs(backend, on_gpu, in_4bit) or False,
         "max_length": data_args.max_length,
         "min_turns": data_args.min_turns,
         "max_turns": data_args.max_turns,
@@ -475,6 +478,7 @@ def make_trainer(model, tokenizer, peft_config, dataset: Dataset, work: Path, hy
         # on a small base.
         bf16=mixed == "bf16",
         fp16=mixed == "fp16",
+        tf32=tf32(on_gpu) or None,
         gradient_checkpointing=hyper["gradient_checkpointing"] is True,
         max_length=data_args.max_length,
         # Loss on the suspect's answers only: what lies outside {% generation %} in the chat template is masked, by
@@ -495,7 +499,7 @@ def make_trainer(model, tokenizer, peft_config, dataset: Dataset, work: Path, hy
         dataloader_num_workers=0,
         dataloader_pin_memory=on_gpu,
     )
-    if hyper["compile"]:
+    if hyper["compile"] == "compiled":
         settings["pad_to_multiple_of"] = 64  # a handful of lengths: each new one is captured as a graph of its own
     # Unsloth's SFTTrainer computes its loss its own way; Liger's asks trl's compute_loss for its token accuracy
     settings |= sft_overrides or {}
@@ -506,11 +510,15 @@ def make_trainer(model, tokenizer, peft_config, dataset: Dataset, work: Path, hy
     trainer_class = loss_only_sft_trainer() if quiet else SFTTrainer
     trainer = trainer_class(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                             peft_config=peft_config)
+    layers = trainer.model.get_base_model().model.layers if hyper["compile"] else []
+    if hyper["compile"] == "captured":  # one batch shape, captured once: every batch padded to the longest chat's
+        trainer.data_collator.pad_to_multiple_of = fixed_length(map(len, trainer.train_dataset["input_ids"]))
+        trainer.add_callback(graphed_layers(layers))
+    elif hyper["compile"] == "compiled":
+        for layer in layers:
+            layer.compile(mode="reduce-overhead")
     if quiet:
         trainer.data_collator = TokenCount(trainer.data_collator)
-    if hyper["compile"]:
-        for layer in trainer.model.get_base_model().model.layers:
-            layer.compile(mode="reduce-overhead")
     return trainer
 
 
@@ -585,11 +593,17 @@ def autocast(backend: str, on_gpu: bool, in_4bit: bool = False) -> str | None:
     return "fp16" if not _bf16_ok() else "bf16" if backend == "unsloth" or in_4bit else None
 
 
+def tf32(on_gpu: bool) -> bool:
+    """The LoRA's fp32 matmuls on tensor cores (every GPU that does bf16 does tf32): the base's own run in bf16, so
+    their inputs lose nothing that counts, and fp32's SIMT kernels were ~30% of a step's GPU time (docs/training.md)."""
+    return on_gpu and _bf16_ok()
+
+
 def precision(backend: str, on_gpu: bool, in_4bit: bool = False, cpu_bf16: bool = False) -> str:
     if not on_gpu:
         return "bf16 base, fp32 LoRA" if cpu_bf16 else "fp32"
     mixed = autocast(backend, on_gpu, in_4bit)
-    return f"{mixed} autocast" if mixed else "bf16 base, fp32 LoRA"
+    return (f"{mixed} autocast" if mixed else "bf16 base, fp32 LoRA") + (", tf32 matmuls" if tf32(on_gpu) else "")
 
 
 def _bf16_ok() -> bool:
