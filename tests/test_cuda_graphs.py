@@ -13,7 +13,7 @@ from conftest import MINIMAL_CASE
 from game.scenario import Case
 from training import train as training
 from training.config import parse
-from training.cuda_graphs import GraphedLayers, fixed_length
+from training.cuda_graphs import GraphedLayers, fixed_length, sdpa_attention
 from training.data import case_chats
 
 CASE = Case.model_validate(MINIMAL_CASE)
@@ -24,14 +24,14 @@ def as_they_are(calls, samples):
     return calls
 
 
-def tiny_lora(device: str):
+def tiny_lora(device: str, attention: str = "sdpa"):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100, use_cache=False, attn_implementation="sdpa")
+                         num_key_value_heads=2, vocab_size=100, use_cache=False, attn_implementation=attention)
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
                                                                 init_lora_weights=False))
     return model.to(device).train()
@@ -85,6 +85,26 @@ def test_graphed_layers_give_the_layers_own_losses_and_gradients(device):
     assert graphs.replays == replays + 1
     graphs.release()
     assert not any("forward" in vars(layer) for layer in layers) and list(graphed.state_dict()) == keys
+
+
+def test_only_sdpa_gets_a_boolean_causal_mask_for_an_unpadded_batch():
+    """eager attention adds its mask to the scores, and transformers hands it a float one for every batch: the graphs
+    replay with that, no boolean mask put in, and give the layers' own losses."""
+    import torch
+
+    eager = tiny_lora("cpu", attention="eager")
+    graphed = copy.deepcopy(eager)
+    layers = graphed.get_base_model().model.layers
+    graphs = GraphedLayers(layers, make_graphed=as_they_are)
+    assert not sdpa_attention(layers[0]) and sdpa_attention(tiny_lora("cpu").get_base_model().model.layers[0])
+    ids = torch.randint(0, 100, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 6:] = 0
+    for attention_mask in (mask, None):
+        loss = graphed(input_ids=ids, attention_mask=attention_mask, labels=ids).loss
+        assert loss.item() == pytest.approx(eager(input_ids=ids, attention_mask=attention_mask, labels=ids).loss.item(),
+                                            rel=1e-5)
+    assert graphs.replays == 2 and not graphs.masks and as_they_are.samples[0][1].dtype != torch.bool
 
 
 def test_the_recipe_pads_every_batch_to_one_length_and_replays_each_step(base, tmp_path, monkeypatch, caplog):

@@ -29,6 +29,13 @@ def fixed_length(lengths, multiple: int = PAD_MULTIPLE) -> int:
     return -(-max(lengths) // multiple) * multiple
 
 
+def sdpa_attention(layer) -> bool:
+    """Whether the layer attends with sdpa, whose masks are booleans (True where a token may attend): a causal one then
+    stands in exactly for no mask at all. Another attention's mask (eager's is added to the scores) is left alone."""
+    config = getattr(getattr(layer, "self_attn", None), "config", None)
+    return getattr(config, "_attn_implementation", None) == "sdpa"
+
+
 def layer_call(layer, forward):
     """The layer as make_graphed_callables takes it: positional tensors in, the layer's parameters its own."""
     import torch
@@ -61,6 +68,7 @@ class GraphedLayers:
         self.needs_grad: list[bool] = []
         self.hooks = []
         self.masks = {}
+        self.bool_masks = sdpa_attention(self.layers[0])
         self.replays = 0
         for i, layer in enumerate(self.layers):
             layer.forward = functools.partial(self.forward, i)
@@ -70,7 +78,7 @@ class GraphedLayers:
 
         unset = all(name in UNUSED or value is None or value is False for name, value in kwargs.items())
         training = unset and torch.is_grad_enabled() and self.layers[i].training
-        if training and attention_mask is None and hidden_states.dim() == 3:
+        if training and attention_mask is None and self.bool_masks and hidden_states.dim() == 3:
             # a batch that needs no padding (every chat cut at max_length) gets the causal mask the padded ones have
             attention_mask = self.causal(*hidden_states.shape[:2], hidden_states.device)
         shape = self.shape_of(hidden_states, attention_mask, position_embeddings)
