@@ -321,6 +321,7 @@ def test_a_guilty_suspects_lines_that_let_a_tell_slip_are_drawn_tell_weight_time
     (["a", "--mix", "0.95"], "--mix is a share of the chats, 0 to 0.9"),
     (["a", "--mix", "0.5", "--data", "x.jsonl"], "--mix draws chats from the cases"),
     (["a", "--tell_weight", "0"], "--tell_weight must be positive"),
+    (["a", "--neftune", "0"], "--neftune is the noise's alpha, positive"),
 ])
 def test_bad_data_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -386,27 +387,33 @@ def test_the_chats_reach_trl_tokenized_as_trl_itself_tokenizes_them(base, tmp_pa
         assert max(len(ids) for ids in ours.train_dataset["input_ids"]) == max_length
 
 
-@pytest.mark.parametrize("step_metrics", [False, True])
-def test_a_training_step_computes_trls_loss_and_its_metrics_only_when_asked(base, tmp_path, step_metrics):
-    """trl's per-step metrics each read a value back from the device, so the recipe's trainer leaves them out unless
-    told; its loss is trl's own, and the tokens are counted on the host as the batches are built."""
-    import torch
+def two_chat_trainer(base, work: Path, *argv: str):
+    """The recipe's CPU trainer, as `python -m training CASE *argv` makes it, on two one-question chats."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTTrainer
 
     chats = [{"messages": [{"role": "system", "content": system_prompt(CASE)},
                            {"role": "user", "content": question},
                            {"role": "assistant", "content": "Home, after locking up at six."}]}
              for question in ("Where were you last night?", "And before that, where were you?")]
-    _, data_args, _, train_args = parse([CASE.id, "--step_metrics", str(step_metrics)])
-    trainer = training.make_trainer(
+    _, data_args, _, train_args = parse([CASE.id, *argv])
+    return training.make_trainer(
         AutoModelForCausalLM.from_pretrained(base.path), AutoTokenizer.from_pretrained(base.path),
-        LoraConfig(r=2, task_type="CAUSAL_LM"), Dataset.from_list(chats), tmp_path,
+        LoraConfig(r=2, task_type="CAUSAL_LM"), Dataset.from_list(chats), work,
         {"optim": "adamw_torch", "gradient_checkpointing": False, "compile": False},
         "hf", False, data_args, train_args.resolved(on_gpu=False),
     )
+
+
+@pytest.mark.parametrize("step_metrics", [False, True])
+def test_a_training_step_computes_trls_loss_and_its_metrics_only_when_asked(base, tmp_path, step_metrics):
+    """trl's per-step metrics each read a value back from the device, so the recipe's trainer leaves them out unless
+    told; its loss is trl's own, and the tokens are counted on the host as the batches are built."""
+    import torch
+    from trl import SFTTrainer
+
+    trainer = two_chat_trainer(base, tmp_path, "--step_metrics", str(step_metrics))
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     if not step_metrics:  # with them, transformers counts the tokens, reading the count back from the device
         assert trainer.data_collator.tokens == int(batch["attention_mask"].sum()) > 0
@@ -418,6 +425,25 @@ def test_a_training_step_computes_trls_loss_and_its_metrics_only_when_asked(base
         trls = SFTTrainer.compute_loss(trainer, trainer.model, dict(batch))
     assert torch.allclose(loss, trls)
     assert ("entropy" in logged) is step_metrics and ("mean_token_accuracy" in logged) is step_metrics
+
+
+def test_neftune_noises_the_embeddings_only_while_training_and_only_when_asked(base, tmp_path):
+    import torch
+
+    def embedded_twice(trainer) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.tensor([trainer.train_dataset[0]["input_ids"]])
+        embeddings = trainer.model.get_input_embeddings()
+        return embeddings(ids), embeddings(ids)
+
+    for argv, noised in (((), False), (("--neftune", "5"), True)):
+        trainer = two_chat_trainer(base, tmp_path / str(noised), "--steps", "1", *argv)
+        seen = []
+        trainer.add_callback(type("Look", (TrainerCallback,), {
+            "on_step_end": lambda self, *a, **k: seen.append(embedded_twice(trainer))})())
+        trainer.train()
+        first, second = seen[0]
+        assert (not torch.equal(first, second)) is noised
+        assert torch.equal(*embedded_twice(trainer))  # the noise's hook is gone once training ends
 
 
 def test_training_template_renders_exactly_as_the_bases(base):

@@ -289,6 +289,7 @@ def hyperparameters(data_args: DataArguments, lora: LoraArguments, train: TrainA
         "weight_decay": train.weight_decay,
         "optim": train.optim or default_optim(on_gpu, in_4bit),
         "seed": train.seed,
+        "neftune": train.neftune,
         "precision": ("4bit+" if in_4bit else "") + precision(backend, on_gpu, in_4bit, bool(train.cpu_bf16)),
         "gradient_checkpointing": train.checkpointing(in_4bit) and ("unsloth" if backend == "unsloth" else True),
         "compile": train.cuda_graphs(backend, on_gpu, in_4bit) or False,
@@ -474,6 +475,7 @@ def make_trainer(model, tokenizer, peft_config, dataset: Dataset, work: Path, hy
         weight_decay=train.weight_decay,
         optim=hyper["optim"],
         seed=train.seed,
+        neftune_noise_alpha=train.neftune,
         # trl defaults both to True; autocast only where autocast() says, and recomputing activations only costs time
         # on a small base.
         bf16=mixed == "bf16",
