@@ -20,7 +20,7 @@ import gguf
 import numpy as np
 
 from game.base import cache_dir, file_sha256
-from game.engine import GROUP_OF, read_lora
+from game.stacked_lora import GROUP_OF, read_lora
 
 LORA_FORMAT = "v1"  # bump when to_gguf_lora changes what it writes
 MERGED_FORMAT = "v1"  # bump when merged_gguf changes what it writes
