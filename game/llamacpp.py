@@ -15,7 +15,8 @@ whole context, not per sequence, so each case has its own context over its weigh
 (docs/speed.md#many-players-at-once says why not one context switching adapters). Lanes, one per core, run the cases'
 passes side by side, each lane starting another as soon as its pass ends: first the case of a question still short of
 its first words, then the case of the answer asked longest ago.
-A case's system prompt is computed once into its sequence 0, which new conversations share (`llama_memory_seq_cp`);
+A case's system prompt is computed once into its sequence 0, which new conversations share (`llama_memory_seq_cp`;
+game.llamacpp_context);
 a conversation's KV stays in its sequence for its next question, and is saved aside when room is short.
 """
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import logging
-import math
 import os
 import queue
 import threading
@@ -33,15 +33,15 @@ import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
 from game.base import EMBEDDED, Base, embedded_gguf, native_cpu_bf16
 from game.config import ConfigError
+from game.llamacpp_context import BATCH_TOKENS, CaseContext, Saved, Sequence, promised
 from game.llamacpp_files import bf16_gguf, gguf_lora, merged_gguf
 from game.serving import IDLE_POLL_S, PrefixCache, Request, common_prefix, start_worker
 
@@ -63,7 +63,6 @@ THREADS_TOGETHER = 1  # llama.cpp threads while several players are answered: th
 RESTORE_GAIN = 16  # restore a saved state only when it saves this many more tokens than the context already has
 KV_CELLS = 4096  # a case's KV: its system prompt and ~8 whole conversations at once (94 MB on the 135M base)
 SEQUENCES = 32  # a case's system prompt and up to 31 conversations kept at once
-BATCH_TOKENS = 512  # the most tokens in one llama_decode
 PREFILL_CHUNK = 128  # the most tokens of one prompt in a pass: a long one does not hold everyone's next token up
 
 
@@ -177,7 +176,7 @@ class LlamaCppEngine:
         self._model_params = params
         self._model = self._load_model(self._served)
         self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model))
-        self._contexts: dict[str | None, _Context] = {}
+        self._contexts: dict[str | None, CaseContext] = {}
         self._config = None
         self._adapters: dict[str, _Adapter] = {}
         self._finalizer = weakref.finalize(self, _free, lib, self._model, self._contexts, self._adapters, self._lanes)
@@ -185,7 +184,7 @@ class LlamaCppEngine:
         self._cache = PrefixCache(kv_cache_mb << 20)  # conversations moved out of their context for room
         self._lock = threading.Lock()
         self._pass_ended = threading.Condition(self._lock)
-        self._running: dict[_Context, int] = {}  # contexts in a pass -> the lanes it holds
+        self._running: dict[CaseContext, int] = {}  # contexts in a pass -> the lanes it holds
         self._queue: queue.SimpleQueue[Request | None] = queue.SimpleQueue()  # None: a pass ended
         self._players: deque[Request] = deque()
         self._warm_ups: deque[Request] = deque()
@@ -244,7 +243,7 @@ class LlamaCppEngine:
         """Take the queued requests, give each waiting one a sequence where its case's context is between passes, and
         start a pass of every case with answers in progress that a free lane can take. There is no step that every
         case waits for: a lane starts the next case's pass as soon as its last one ends, the case whose answers are
-        due soonest first (_Context.due; docs/speed.md)."""
+        due soonest first (CaseContext.due; docs/speed.md)."""
         try:
             item = self._queue.get_nowait() if self._can_start() else self._queue.get(timeout=IDLE_POLL_S)
             while True:
@@ -272,7 +271,7 @@ class LlamaCppEngine:
                     self._save(c, s)
                     c.drop(s)
 
-    def _idle(self) -> list[_Context]:
+    def _idle(self) -> list[CaseContext]:
         """Contexts with answers in progress and no pass running (only these may be read: a lane owns the others)."""
         return [c for c in self._contexts.values() if c not in self._running and c.answering()]
 
@@ -290,7 +289,7 @@ class LlamaCppEngine:
         """Hand free lanes the passes due, most urgent first. Under the lock."""
         idle = self._idle()
         answering = sum(c.answering() for c in idle) + sum(c.held for c in self._running)
-        idle.sort(key=_Context.due)
+        idle.sort(key=CaseContext.due)
         free, started = self._free_lanes(), 0
         for context in idle:
             alone = answering <= 1 and not self._running
@@ -309,7 +308,7 @@ class LlamaCppEngine:
             started += 1
         return started
 
-    def _pass(self, c: _Context, crowded: bool) -> None:
+    def _pass(self, c: CaseContext, crowded: bool) -> None:
         try:
             self._step(c, crowded)
         except Exception as exc:
@@ -321,7 +320,7 @@ class LlamaCppEngine:
                 self._pass_ended.notify_all()
             self._queue.put(None)  # the worker may start this case's next pass, or a waiting request in it
 
-    def _context(self, adapter: str | None) -> _Context:
+    def _context(self, adapter: str | None) -> CaseContext:
         context = self._contexts.get(adapter)
         if context is None:
             lib = self._lib
@@ -346,7 +345,7 @@ class LlamaCppEngine:
                 if lib.llama_set_adapters_lora(ctx, adapters, 1, (ctypes.c_float * 1)(1.0)) != 0:
                     lib.llama_free(ctx)
                     raise RuntimeError(f"llama.cpp could not apply adapter {adapter}")
-            context = self._contexts[adapter] = _Context(lib, adapter, ctx, self.kv_cells, self.sequences,
+            context = self._contexts[adapter] = CaseContext(lib, adapter, ctx, self.kv_cells, self.sequences,
                                                           self.draft_tokens)
         return context
 
@@ -366,7 +365,7 @@ class LlamaCppEngine:
                 log.exception("could not start an answer")
                 r.tokens.put(exc)
 
-    def _place(self, c: _Context, r: Request) -> bool:
+    def _place(self, c: CaseContext, r: Request) -> bool:
         lib, prompt = self._lib, r.prompt
         system = len(c.system) if c.system and prompt[:len(c.system)] == c.system else 0
         # The longest start of this prompt already computed: a conversation kept in its sequence (the same player,
@@ -386,7 +385,7 @@ class LlamaCppEngine:
             if entry and not c.shares(entry):
                 entry = None
             shared = entry.shared if entry else system  # a saved state's first cells are sequence 0's, or its own
-        if not c.make_room(_promised(r, self.draft_tokens) - shared, keep=s, save=self._save):
+        if not c.make_room(promised(r, self.draft_tokens) - shared, keep=s, save=self._save):
             return False
         if s is not None:
             common = kept
@@ -408,7 +407,7 @@ class LlamaCppEngine:
         r.cached_tokens = common
         return True
 
-    def _save(self, c: _Context, s: _Sequence) -> None:
+    def _save(self, c: CaseContext, s: Sequence) -> None:
         """Keep a conversation's KV aside (PrefixCache), so that its sequence can go: only its own cells where its
         first ones are the case's system prompt (sequence 0's, shared again when it comes back, so that a
         conversation back does not bring a copy of them into the KV)."""
@@ -424,9 +423,9 @@ class LlamaCppEngine:
         written = lib.llama_state_seq_get_data(c.ctx, data, size, seq)
         if spare is not None:
             lib.llama_memory_seq_rm(c.mem, spare, -1, -1)
-        self._cache.put(c.adapter, s.tokens, _Saved(data, written, list(s.tokens), shared), written)
+        self._cache.put(c.adapter, s.tokens, Saved(data, written, list(s.tokens), shared), written)
 
-    def _restore(self, c: _Context, s: _Sequence, entry: _Saved) -> bool:
+    def _restore(self, c: CaseContext, s: Sequence, entry: Saved) -> bool:
         data, size, tokens, shared = entry
         lib = self._lib
         if not lib.llama_state_seq_set_data(c.ctx, data, size, s.seq):
@@ -437,7 +436,7 @@ class LlamaCppEngine:
         s.tokens, s.shared = list(tokens), shared
         return True
 
-    def _step(self, c: _Context, crowded: bool) -> None:
+    def _step(self, c: CaseContext, crowded: bool) -> None:
         """One llama_decode of every answering sequence of the context: a chunk of a new prompt, or the last chosen
         token and a guess at the next ones (fewer guesses the more sequences share the pass: docs/speed.md).
         crowded: other contexts have answers in progress too (a long prompt goes in chunks then)."""
@@ -449,7 +448,7 @@ class LlamaCppEngine:
         starting = prefilling or any(not s.request.shown for s in decoding)
         budget = STARTING_BUDGET if starting else DRAFT_BUDGET
         guess_len = min(self.draft_tokens, budget // max(len(decoding), 1) - 1)
-        plan: list[tuple[_Sequence, list[int], int]] = []  # (sequence, tokens evaluated, logits rows)
+        plan: list[tuple[Sequence, list[int], int]] = []  # (sequence, tokens evaluated, logits rows)
         for s in decoding:
             r = s.request
             left = r.max_new_tokens - len(s.answer) - 1
@@ -487,7 +486,7 @@ class LlamaCppEngine:
                 self._choose(c, s, logits[row:row + rows])
             row += rows
 
-    def _share_system_prompt(self, c: _Context, s: _Sequence) -> None:
+    def _share_system_prompt(self, c: CaseContext, s: Sequence) -> None:
         """Once a sequence has computed its case's system prompt, sequence 0 keeps it for the case's next games."""
         r, lib = s.request, self._lib
         n = r.prefix_len
@@ -500,7 +499,7 @@ class LlamaCppEngine:
             other.shared = 0  # the old system prompt's cells are theirs alone now
         s.shared = n
 
-    def _choose(self, c: _Context, s: _Sequence, rows: np.ndarray) -> None:
+    def _choose(self, c: CaseContext, s: Sequence, rows: np.ndarray) -> None:
         """The model's own token from each row of logits. Row i holds the logits after guess[:i]: its token stands
         whether or not it matches the guess, and the rows after it count only while it does."""
         r, p = s.request, np.float32(s.request.repetition_penalty)
@@ -527,21 +526,12 @@ class LlamaCppEngine:
         if done:
             self._finish(c, s)
 
-    def _finish(self, c: _Context, s: _Sequence) -> None:
+    def _finish(self, c: CaseContext, s: Sequence) -> None:
         r = s.request
         s.end()
         r.tokens.put(None)
         if r.background:  # a warm-up has no conversation to continue: its system prompt stays in sequence 0
             c.drop(s)
-
-
-class _Saved(NamedTuple):
-    """A conversation's KV saved aside (llama_state_seq_get_data): its cells after the first `shared`, which are its
-    case's system prompt and come back from sequence 0."""
-    data: object
-    size: int
-    tokens: list[int]
-    shared: int
 
 
 @dataclass
@@ -554,115 +544,6 @@ class _Adapter:
         # A LoRA goes with its model (llama.cpp frees a model's adapters with it); only a merged model is the case's.
         if self.model is not base_model:
             lib.llama_model_free(self.model)
-
-
-@dataclass(eq=False)
-class _Sequence:
-    """One conversation's KV in its case's context (llama.cpp sequence `seq`), and the answer it is giving."""
-    seq: int
-    tokens: list[int] = field(default_factory=list)  # what its KV holds, position by position
-    shared: int = 0  # its first cells are sequence 0's (the system prompt), not its own
-    used: float = 0.0  # when it last answered: the least recent goes first when room is short
-    request: Request | None = None
-    pending: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
-    answer: list[int] = field(default_factory=list)  # chosen so far (the last one not yet evaluated)
-    text: list[int] = field(default_factory=list)  # the prompt and the answer so far, for the guesses
-    guess: list[int] = field(default_factory=list)  # checked in this pass
-    seen: np.ndarray | None = None  # every token of the prompt and answer, for the repetition penalty
-    rng: np.random.Generator | None = None
-
-    def start(self, r: Request, n_vocab: int) -> None:
-        self.request, self.pending, self.answer, self.text = r, list(r.prompt[len(self.tokens):]), [], list(r.prompt)
-        self.guess = []
-        self.seen = np.zeros(n_vocab, dtype=bool)
-        self.seen[r.prompt] = True
-        self.rng = np.random.default_rng() if r.do_sample else None
-
-    def end(self) -> None:
-        self.request, self.pending, self.answer, self.text, self.guess, self.seen = None, [], [], [], [], None
-        self.used = time.perf_counter()
-
-    def cells(self, draft_tokens: int) -> int:
-        """KV cells it holds of its own, or, while answering, may come to hold."""
-        return (len(self.tokens) if self.request is None else _promised(self.request, draft_tokens)) - self.shared
-
-
-def _promised(r: Request, draft_tokens: int) -> int:
-    """The most KV cells a request's sequence can come to hold: its prompt, its answer and a guess beyond it."""
-    return len(r.prompt) + r.max_new_tokens + draft_tokens + 1
-
-
-class _Context:
-    """One llama.cpp context over the engine's model, with one adapter set (a case's, or None for the bare base):
-    sequence 0 holds the case's system prompt, the others its conversations."""
-
-    def __init__(self, lib, adapter: str | None, ctx, cells: int, sequences: int, draft_tokens: int):
-        self._lib, self.adapter, self.ctx, self.mem = lib, adapter, ctx, lib.llama_get_memory(ctx)
-        self.batch = lib.llama_batch_init(BATCH_TOKENS, 0, 1)  # its own: passes of several contexts run at once
-        self.cells, self.n_sequences, self.draft_tokens = cells, sequences, draft_tokens
-        self.threads: tuple[int, int] | None = None
-        self.held = 0  # answers in progress when its running pass started (a lane owns it while it runs)
-        self.system: list[int] = []
-        self.sequences: dict[int, _Sequence] = {}
-
-    def answering(self) -> int:
-        return sum(s.request is not None for s in self.sequences.values())
-
-    def due(self) -> tuple[bool, float]:
-        """Its most urgent answer in progress, as a sort key: one whose first words the player has not seen yet
-        (Request.shown) before any other, then the one asked longest ago."""
-        answers = [s for s in self.sequences.values() if s.request is not None]
-        starting = [s.request.submitted for s in answers if not s.request.shown]
-        return (not starting, min(starting or [s.request.submitted for s in answers], default=math.inf))
-
-    def use_threads(self, threads: int, threads_batch: int) -> None:
-        if self.threads != (threads, threads_batch):
-            self._lib.llama_set_n_threads(self.ctx, threads, threads_batch)
-            self.threads = (threads, threads_batch)
-
-    def spare_id(self) -> int | None:
-        return next((i for i in range(1, self.n_sequences) if i not in self.sequences), None)
-
-    def shares(self, entry: _Saved) -> bool:
-        """Whether a saved conversation's first cells, left to sequence 0, are still there (the system prompt)."""
-        return len(self.system) >= entry.shared and self.system[:entry.shared] == entry.tokens[:entry.shared]
-
-    def new_sequence(self) -> _Sequence:
-        seq = self.spare_id()
-        s = self.sequences[seq] = _Sequence(seq)
-        return s
-
-    def drop(self, s: _Sequence) -> None:
-        self._lib.llama_memory_seq_rm(self.mem, s.seq, -1, -1)
-        del self.sequences[s.seq]
-
-    def make_room(self, needed: int, keep: _Sequence | None, save) -> bool:
-        """Room for a sequence of `needed` cells of its own (and a free sequence id, unless it is `keep`): idle
-        conversations other than `keep` are saved aside (save(context, sequence)) and dropped, least recent first.
-        False where the answering ones leave too little."""
-        def short() -> bool:
-            promised = len(self.system) + sum(s.cells(self.draft_tokens) for s in self.sequences.values() if s is not keep)
-            return promised + needed > self.cells or (keep is None and len(self.sequences) >= self.n_sequences - 1)
-
-        idle = sorted((s for s in self.sequences.values() if s.request is None and s is not keep), key=lambda s: s.used)
-        while short() and idle:
-            s = idle.pop(0)
-            save(self, s)
-            self.drop(s)
-        return not short()
-
-    def close(self) -> None:
-        self._lib.llama_free(self.ctx)
-        self._lib.llama_batch_free(self.batch)
-
-    def fail(self, exc: Exception) -> None:
-        """After a failed pass: every answer in progress ends with the error, and the KV starts empty."""
-        for s in self.sequences.values():
-            if s.request is not None:
-                s.request.tokens.put(exc)
-        self._lib.llama_memory_clear(self.mem, True)
-        self.sequences.clear()
-        self.system = []
 
 
 def _env_count(name: str) -> int | None:
