@@ -15,9 +15,9 @@ whole context, not per sequence, so each case has its own context over its weigh
 (docs/speed.md#many-players-at-once says why not one context switching adapters). Lanes, one per core, run the cases'
 passes side by side, each lane starting another as soon as its pass ends: first the case of a question still short of
 its first words, then the case of the answer asked longest ago.
-A case's system prompt is computed once into its sequence 0, which new conversations share (`llama_memory_seq_cp`;
-game.llamacpp_context);
-a conversation's KV stays in its sequence for its next question, and is saved aside when room is short.
+A case's system prompt is computed once into its sequence 0, which new conversations share (`llama_memory_seq_cp`);
+a conversation's KV stays in its sequence for its next question, and is saved aside when room is short
+(game.llamacpp_context).
 """
 
 from __future__ import annotations
