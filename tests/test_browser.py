@@ -475,8 +475,11 @@ def test_a_queued_player_sees_their_place_in_the_queue(browser, served, serve):
             page.locator("#begin").click()
             page.evaluate(RECORD_PROGRESS)
             page.locator("#question textarea").fill("Tell me everything you did last night, hour by hour.")
+        # All three ask at the same instant, each page's own timer firing its click: asked one after another, the
+        # first answer could end before the third question arrived and no one would have waited.
+        at = pages[0].evaluate("Date.now()") + 1_000
         for page in pages:
-            page.locator("#ask").click()
+            page.evaluate("at => setTimeout(() => document.querySelector('#ask').click(), at - Date.now())", at)
         for page in pages:
             expect(page.locator("#progress")).to_have_text("Question 2 of 5", timeout=ANSWER_WAIT_MS)
         seen = [s["text"] for page in pages for s in page.evaluate("window.seen")]
