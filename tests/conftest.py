@@ -60,6 +60,24 @@ def base():
     return resolve("embedded")
 
 
+def recipe_trainer(base, work: Path, chats, *argv: str, compile=False):
+    """The recipe's trainer on the CPU (training.train.make_trainer), as `python -m training <case> *argv` makes it,
+    over `chats` (a datasets.Dataset of {"messages"}), with a rank-2 LoRA; `compile` as hyperparameters() says it."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training import train as training
+    from training.config import parse
+
+    _, data_args, _, train_args = parse([MINIMAL_CASE["id"], *argv])
+    return training.make_trainer(
+        AutoModelForCausalLM.from_pretrained(base.path), AutoTokenizer.from_pretrained(base.path),
+        LoraConfig(r=2, task_type="CAUSAL_LM"), chats, work,
+        {"optim": "adamw_torch", "gradient_checkpointing": False, "compile": compile},
+        "hf", False, data_args, train_args.resolved(on_gpu=False),
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

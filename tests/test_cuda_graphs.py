@@ -9,10 +9,8 @@ import copy
 
 import pytest
 
-from conftest import MINIMAL_CASE
+from conftest import MINIMAL_CASE, recipe_trainer
 from game.scenario import Case
-from training import train as training
-from training.config import parse
 from training.cuda_graphs import GraphedLayers, fixed_length, sdpa_attention
 from training.data import case_chats
 
@@ -111,19 +109,11 @@ def test_the_recipe_pads_every_batch_to_one_length_and_replays_each_step(base, t
     """make_trainer with CUDA-graph layers, run on the CPU: every batch the length of the longest chat (rounded to 64),
     every step through the graphed calls, the layers given back when training ends."""
     import torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", as_they_are)
-    _, data_args, _, train_args = parse([CASE.id, "--steps", "2", "--batch_size", "2", "--min_turns", "1",
-                                         "--max_turns", "2", "--logging_steps", "1", "--save_steps", "100"])
-    train_args = train_args.resolved(on_gpu=False)
     chats = case_chats(CASE, 4, seed=5, min_turns=1, max_turns=2)
-    trainer = training.make_trainer(
-        AutoModelForCausalLM.from_pretrained(base.path), AutoTokenizer.from_pretrained(base.path),
-        LoraConfig(r=2, task_type="CAUSAL_LM"), chats, tmp_path,
-        {"optim": "adamw_torch", "gradient_checkpointing": False, "compile": "captured"}, "hf", False, data_args, train_args,
-    )
+    trainer = recipe_trainer(base, tmp_path, chats, "--steps", "2", "--batch_size", "2", "--min_turns", "1",
+                             "--max_turns", "2", "--logging_steps", "1", "--save_steps", "100", compile="captured")
     lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
     assert len(set(lengths)) > 1 and fixed_length(lengths) % 64 == 0 and fixed_length(lengths) >= max(lengths)
     batch = trainer.data_collator([trainer.train_dataset[lengths.index(min(lengths))]])

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from transformers import TrainerCallback
 
-from conftest import MINIMAL_CASE, ROOT
+from conftest import MINIMAL_CASE, ROOT, recipe_trainer
 from game import adapters
 from game.phrases import found
 from game.prompt import system_prompt
@@ -332,8 +332,7 @@ def test_bad_data_arguments_are_refused(argv, message, capsys):
 def test_labels_cover_the_suspects_answers_and_nothing_else(base, tmp_path):
     """What SFTTrainer actually feeds the model: every label outside the answers (and their <|im_end|>) is -100."""
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     messages = [
         {"role": "system", "content": system_prompt(CASE)},
@@ -342,15 +341,8 @@ def test_labels_cover_the_suspects_answers_and_nothing_else(base, tmp_path):
         {"role": "user", "content": "Are you an AI?"},
         {"role": "assistant", "content": "I am a gardener, detective."},
     ]
-    tokenizer = AutoTokenizer.from_pretrained(base.path)
-    _, data_args, _, train_args = parse([CASE.id])
-    train_args = train_args.resolved(on_gpu=False)
-    trainer = training.make_trainer(
-        AutoModelForCausalLM.from_pretrained(base.path), tokenizer, LoraConfig(r=2, task_type="CAUSAL_LM"),
-        Dataset.from_list([{"messages": messages}]), tmp_path,
-        {"optim": "adamw_torch", "gradient_checkpointing": False, "compile": False},
-        "hf", False, data_args, train_args,
-    )
+    trainer = recipe_trainer(base, tmp_path, Dataset.from_list([{"messages": messages}]))
+    tokenizer = trainer.processing_class
     batch = trainer.data_collator([trainer.train_dataset[0]])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     trained_text = tokenizer.decode([i for i, label in zip(ids, labels) if label != -100])
@@ -364,17 +356,12 @@ def test_the_chats_reach_trl_tokenized_as_trl_itself_tokenizes_them(base, tmp_pa
     """make_trainer tokenizes every chat in one call (training.data.tokenized); trl's own preparation of the same
     chats gives the same input ids and labels, cut and dropped alike where a chat runs past max_length."""
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     chats = case_chats(CASE, 40, seed=5)
-    tokenizer = AutoTokenizer.from_pretrained(base.path)
-    _, data_args, _, train_args = parse([CASE.id, "--max_length", str(max_length)])
-    ours = training.make_trainer(
-        AutoModelForCausalLM.from_pretrained(base.path), tokenizer, LoraConfig(r=2, task_type="CAUSAL_LM"), chats,
-        tmp_path / "ours", {"optim": "adamw_torch", "gradient_checkpointing": False, "compile": False},
-        "hf", False, data_args, train_args.resolved(on_gpu=False),
-    )
+    ours = recipe_trainer(base, tmp_path / "ours", chats, "--max_length", str(max_length))
+    tokenizer = ours.processing_class
     config = SFTConfig(output_dir=str(tmp_path / "trl"), assistant_only_loss=True, max_length=max_length, bf16=False,
                        chat_template_path=training.training_chat_template(tokenizer), use_cpu=True, report_to="none")
     trls = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(base.path), args=config, train_dataset=chats,
@@ -390,20 +377,12 @@ def test_the_chats_reach_trl_tokenized_as_trl_itself_tokenizes_them(base, tmp_pa
 def two_chat_trainer(base, work: Path, *argv: str):
     """The recipe's CPU trainer, as `python -m training CASE *argv` makes it, on two one-question chats."""
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     chats = [{"messages": [{"role": "system", "content": system_prompt(CASE)},
                            {"role": "user", "content": question},
                            {"role": "assistant", "content": "Home, after locking up at six."}]}
              for question in ("Where were you last night?", "And before that, where were you?")]
-    _, data_args, _, train_args = parse([CASE.id, *argv])
-    return training.make_trainer(
-        AutoModelForCausalLM.from_pretrained(base.path), AutoTokenizer.from_pretrained(base.path),
-        LoraConfig(r=2, task_type="CAUSAL_LM"), Dataset.from_list(chats), work,
-        {"optim": "adamw_torch", "gradient_checkpointing": False, "compile": False},
-        "hf", False, data_args, train_args.resolved(on_gpu=False),
-    )
+    return recipe_trainer(base, work, Dataset.from_list(chats), *argv)
 
 
 @pytest.mark.parametrize("step_metrics", [False, True])
