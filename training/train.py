@@ -39,7 +39,7 @@ from game.prompt import chat
 from game.scenario import LoadedCase, read_cases
 from training.callbacks import TokenCount, step_meter, time_budget
 from training.config import DataArguments, LoraArguments, ScriptArguments, TrainArguments, recipe
-from training.cuda_graphs import fixed_length, graphed_layers
+from training.cuda_graphs import PAD_MULTIPLE, fixed_length, graphed_layers
 from training.data import case_chats, load_case, load_conversations, tokenized
 from training.save import save_adapter
 
@@ -502,7 +502,7 @@ def make_trainer(model, tokenizer, peft_config, dataset: Dataset, work: Path, hy
         dataloader_pin_memory=on_gpu,
     )
     if hyper["compile"] == "compiled":
-        settings["pad_to_multiple_of"] = 64  # a handful of lengths: each new one is captured as a graph of its own
+        settings["pad_to_multiple_of"] = PAD_MULTIPLE  # a handful of lengths: each new one is a graph of its own
     # Unsloth's SFTTrainer computes its loss its own way; Liger's asks trl's compute_loss for its token accuracy
     settings |= sft_overrides or {}
     quiet = not train.step_metrics and backend == "hf" and not settings.get("use_liger_kernel")
