@@ -322,7 +322,6 @@ def test_a_guilty_suspects_lines_that_let_a_tell_slip_are_drawn_tell_weight_time
     (["a", "--mix", "0.5", "--data", "x.jsonl"], "--mix draws chats from the cases"),
     (["a", "--tell_weight", "0"], "--tell_weight must be positive"),
     (["a", "--neftune", "0"], "--neftune is the noise's alpha, positive"),
-    (["a", "--anchor", "1.5"], "--anchor is a share of the bank's wordings, 0 to 1"),
 ])
 def test_bad_data_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -167,9 +167,6 @@ class DataArguments:
     tell_weight: float = field(default=TELL_WEIGHT, metadata={"help": "How many times as often a guilty suspect's "
                                                                       "answer that carries a tell is drawn as another "
                                                                       "answer of its topic (1: at its share)."})
-    anchor: float = field(default=0.0, metadata={"help": "Share of the question bank's wordings in the chats that "
-                                                         "also name one of the case's things, as context ('About the "
-                                                         "cash tin. Where were you?'), 0 to 1 (training/anchors.py)."})
 
     def __post_init__(self):
         if not 1 <= self.min_turns <= self.max_turns:
@@ -178,8 +175,6 @@ class DataArguments:
             raise ValueError(f"--mix is a share of the chats, 0 to 0.9, got {self.mix}")
         if self.tell_weight <= 0:
             raise ValueError(f"--tell_weight must be positive, got {self.tell_weight}")
-        if not 0 <= self.anchor <= 1:
-            raise ValueError(f"--anchor is a share of the bank's wordings, 0 to 1, got {self.anchor}")
         if self.mix and self.data is not None:
             raise ValueError("--mix draws chats from the cases; --data trains on a file's conversations instead")
 

@@ -16,7 +16,6 @@ from datasets import Dataset
 from game.prompt import chat, system_prompt
 from game.scenario import Case, LoadedCase, read_cases
 from game.session import Exchange
-from training.anchors import anchored, things
 from training.config import TELL_WEIGHT
 
 ROLES = ("system", "user", "assistant")
@@ -50,20 +49,18 @@ def unsaid(lines: list[str], said: set[str]) -> list[str]:
 
 
 def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int = 5,
-               tell_weight: float = TELL_WEIGHT, anchor: float = 0.0) -> Dataset:
+               tell_weight: float = TELL_WEIGHT) -> Dataset:
     """`n` interrogations sampled from the case's dialogue: min_turns..max_turns questions, each answered in character.
 
     A topic is asked in its own wordings or the question bank's wordings of its intents (Case.dialogue), and its
     answers fit any of them, so a question and an answer are drawn independently; an answer that carries one of a
     guilty case's tells is drawn `tell_weight` times as often as another. Within one chat a topic returns now and
     then (REPEAT_TOPIC) and then gets an answer this chat has not had, or, once it has had them all, one of the
-    case's reminders ("I've told you already"). A share `anchor` of the bank's wordings also name one of the case's
-    things (training.anchors), so that a name in a question does not decide its topic.
+    case's reminders ("I've told you already").
     """
     rng = random.Random(seed)
     dialogue = case.dialogue()
     spoken = [*(a for topic, _ in dialogue for a in topic.answers), *case.repeat_lines]
-    named = things(case) if anchor else []
     slips = {line for line in spoken if case.guilty and any(tell.shown_in(line) for tell in case.tells)}
 
     def draw(lines: list[str]) -> str:
@@ -89,8 +86,6 @@ def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int
             topic, questions = dialogue[i]
             own = topic.questions and (len(questions) == len(topic.questions) or rng.random() < OWN_WORDING)
             question = rng.choice(topic.questions if own else questions[len(topic.questions):])
-            if not own and named and rng.random() < anchor:  # drawn only when asked: anchor 0 keeps the chats as they were
-                question = anchored(question, rng.choice(named), rng)
             answer = draw(unsaid(topic.answers, said) or unsaid(case.repeat_lines, said))
             said.add(answer)
             exchanges.append(Exchange(question, answer))
