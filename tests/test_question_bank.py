@@ -70,6 +70,15 @@ def test_a_topic_is_trained_on_its_own_wordings_and_the_banks_for_its_intents():
     assert asked & set(bank().intents["whereabouts"].train) and asked & set(GUARDED["topics"][0]["questions"])
 
 
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_own_wording_sets_how_often_a_topic_is_asked_in_its_authors_words(share):
+    own = {q for t in CASE.topics for q in t.questions if t.kind != "break_character"}
+    bank_wordings = {q for name in ("whereabouts", "timeline", "crime") for q in bank().intents[name].train}
+    asked = [m["content"] for row in case_chats(CASE, 400, seed=0, own_wording=share) for m in row["messages"]
+             if m["role"] == "user" and m["content"] in own | bank_wordings]
+    assert sum(q in own for q in asked) / len(asked) == pytest.approx(share, abs=0.05)
+
+
 def test_intents_no_topic_lists_are_asked_of_the_evasion_topic():
     pools = {topic.name: questions for topic, questions in CASE.dialogue()}
     assert set(bank().intents["feelings"].train) <= set(pools["dodging"])

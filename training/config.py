@@ -26,6 +26,10 @@ PRIOR = Path(__file__).resolve().parent / "prior"
 # tell-bearing line in five), the lines that let a tell slip lost that place as the question bank widened the topics,
 # and three guilty suspects stopped giving themselves away (tell_rate 1.00 -> 0.40-0.80, docs/training.md).
 TELL_WEIGHT = 2.0
+# How often a topic with its own wordings is asked in one of them rather than in the bank's generic ones (where it
+# has both): the case's names and places are what tell its topics apart, the bank's many registers what a player
+# really types. Never varied since the bank came (c1874e0); `--own_wording` is there to measure it.
+OWN_WORDING = 0.5
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,9 @@ class DataArguments:
     tell_weight: float = field(default=TELL_WEIGHT, metadata={"help": "How many times as often a guilty suspect's "
                                                                       "answer that carries a tell is drawn as another "
                                                                       "answer of its topic (1: at its share)."})
+    own_wording: float = field(default=OWN_WORDING, metadata={"help": "Share of a topic's questions asked in its own "
+                                                                      "wordings rather than the question bank's, where "
+                                                                      "it has both; 0 to 1."})
 
     def __post_init__(self):
         if not 1 <= self.min_turns <= self.max_turns:
@@ -175,6 +182,8 @@ class DataArguments:
             raise ValueError(f"--mix is a share of the chats, 0 to 0.9, got {self.mix}")
         if self.tell_weight <= 0:
             raise ValueError(f"--tell_weight must be positive, got {self.tell_weight}")
+        if not 0 <= self.own_wording <= 1:
+            raise ValueError(f"--own_wording is a share of a topic's questions, 0 to 1, got {self.own_wording}")
         if self.mix and self.data is not None:
             raise ValueError("--mix draws chats from the cases; --data trains on a file's conversations instead")
 

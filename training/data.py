@@ -16,7 +16,7 @@ from datasets import Dataset
 from game.prompt import chat, system_prompt
 from game.scenario import Case, LoadedCase, read_cases
 from game.session import Exchange
-from training.config import TELL_WEIGHT
+from training.config import OWN_WORDING, TELL_WEIGHT
 
 ROLES = ("system", "user", "assistant")
 
@@ -39,9 +39,6 @@ def load_case(scenarios: Path, case_id: str) -> LoadedCase:
 # How often a question returns to a topic already asked in the chat, as players do ("and where were you at two?"
 # after "where were you?"): the suspect learns to give another of the topic's answers, never the same one twice.
 REPEAT_TOPIC = 0.25
-# How often a topic with its own wordings is asked in one of them rather than in the bank's generic ones: the case's
-# names and places are what tell its topics apart, the bank's many registers what a player really types.
-OWN_WORDING = 0.5
 
 
 def unsaid(lines: list[str], said: set[str]) -> list[str]:
@@ -49,10 +46,11 @@ def unsaid(lines: list[str], said: set[str]) -> list[str]:
 
 
 def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int = 5,
-               tell_weight: float = TELL_WEIGHT) -> Dataset:
+               tell_weight: float = TELL_WEIGHT, own_wording: float = OWN_WORDING) -> Dataset:
     """`n` interrogations sampled from the case's dialogue: min_turns..max_turns questions, each answered in character.
 
-    A topic is asked in its own wordings or the question bank's wordings of its intents (Case.dialogue), and its
+    A topic is asked in its own wordings (a share `own_wording` of the time, where it has both) or the question bank's
+    wordings of its intents (Case.dialogue), and its
     answers fit any of them, so a question and an answer are drawn independently; an answer that carries one of a
     guilty case's tells is drawn `tell_weight` times as often as another. Within one chat a topic returns now and
     then (REPEAT_TOPIC) and then gets an answer this chat has not had, or, once it has had them all, one of the
@@ -84,7 +82,7 @@ def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int
             i = rng.choice(again) if again and (not fresh or rng.random() < REPEAT_TOPIC) else rng.choice(fresh)
             asked.append(i)
             topic, questions = dialogue[i]
-            own = topic.questions and (len(questions) == len(topic.questions) or rng.random() < OWN_WORDING)
+            own = topic.questions and (len(questions) == len(topic.questions) or rng.random() < own_wording)
             question = rng.choice(topic.questions if own else questions[len(topic.questions):])
             answer = draw(unsaid(topic.answers, said) or unsaid(case.repeat_lines, said))
             said.add(answer)
