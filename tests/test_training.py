@@ -22,7 +22,7 @@ from game.phrases import found
 from game.prompt import system_prompt
 from game.base import file_sha256
 from game.scenario import Case
-from training import callbacks
+from training import callbacks, hardware
 from training import save as saving
 from training import train as training
 from training.config import CPU_RECIPE, GPU_RECIPE, PRIOR, LoraArguments, native_cpu_bf16, parse
@@ -504,7 +504,7 @@ def test_init_starts_from_an_adapters_weights(trained, scenarios, tmp_path):
     assert meta["hyperparameters"]["init"]["sha256"] == file_sha256(start / "adapter_model.safetensors")
 
 
-@pytest.mark.skipif(training.cuda_available(), reason="the GPU recipe starts from a fresh LoRA")
+@pytest.mark.skipif(hardware.cuda_available(), reason="the GPU recipe starts from a fresh LoRA")
 def test_a_cpu_run_on_the_embedded_base_starts_from_the_prior_unless_told_otherwise(trained, scenarios, tmp_path,
                                                                                   monkeypatch):
     start, _ = trained  # built by the command line with the CPU's defaults
@@ -624,17 +624,17 @@ def test_the_cpu_trains_a_bf16_base_only_where_it_does_bf16_natively(monkeypatch
     assert parse([CASE.id])[3].resolved(on_gpu=False).cpu_bf16 is True
     assert parse([CASE.id, "--cpu_bf16", "false"])[3].resolved(on_gpu=False).cpu_bf16 is False
     assert parse([CASE.id])[3].resolved(on_gpu=True).cpu_bf16 is None  # a GPU's base dtype is the GPU's own
-    assert training.precision("hf", on_gpu=False, cpu_bf16=True) == "bf16 base, fp32 LoRA"
+    assert hardware.precision("hf", on_gpu=False, cpu_bf16=True) == "bf16 base, fp32 LoRA"
 
 
 def test_only_unsloth_4bit_bases_and_fp16_gpus_train_under_autocast(monkeypatch):
-    assert training.autocast("hf", on_gpu=False) is None and training.precision("hf", on_gpu=False) == "fp32"
-    monkeypatch.setattr(training, "_bf16_ok", lambda: True)
-    assert training.autocast("hf", on_gpu=True) is None  # bf16 base, fp32 LoRA: no casts between them
-    assert training.precision("hf", on_gpu=True) == "bf16 base, fp32 LoRA, tf32 matmuls"
-    assert training.autocast("unsloth", on_gpu=True) == training.autocast("hf", on_gpu=True, in_4bit=True) == "bf16"
-    monkeypatch.setattr(training, "_bf16_ok", lambda: False)
-    assert training.autocast("hf", on_gpu=True) == training.autocast("unsloth", on_gpu=True) == "fp16"
+    assert hardware.autocast("hf", on_gpu=False) is None and hardware.precision("hf", on_gpu=False) == "fp32"
+    monkeypatch.setattr(hardware, "bf16_ok", lambda: True)
+    assert hardware.autocast("hf", on_gpu=True) is None  # bf16 base, fp32 LoRA: no casts between them
+    assert hardware.precision("hf", on_gpu=True) == "bf16 base, fp32 LoRA, tf32 matmuls"
+    assert hardware.autocast("unsloth", on_gpu=True) == hardware.autocast("hf", on_gpu=True, in_4bit=True) == "bf16"
+    monkeypatch.setattr(hardware, "bf16_ok", lambda: False)
+    assert hardware.autocast("hf", on_gpu=True) == hardware.autocast("unsloth", on_gpu=True) == "fp16"
 
 
 def test_layers_run_as_cuda_graphs_by_default_only_for_plain_hf_on_a_gpu_with_a_full_precision_base():
@@ -662,7 +662,7 @@ def test_a_gpu_trains_as_many_cases_at_once_as_its_memory_and_cores_hold(monkeyp
     assert parse(["--all", "--jobs", "3"])[0].workers(cases=9, on_gpu=True) == 3
 
 
-@pytest.mark.skipif(training.cuda_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.skipif(hardware.cuda_available(), reason="checks the refusal on a machine without a GPU")
 def test_compile_is_refused_without_a_gpu_before_anything_loads(scenarios, tmp_path):
     with pytest.raises(training.TrainingError, match="--compile is for --backend hf on a CUDA GPU"):
         training.main(*args(scenarios, tmp_path / "out", "--compile", "true"))
@@ -688,7 +688,7 @@ def test_auto_takes_unsloth_on_a_gpu_only_for_a_base_it_loads_in_4bit(monkeypatc
     assert training.choose_backend("unsloth", base) == "unsloth" and training.choose_backend("hf", base) == "hf"
 
 
-@pytest.mark.skipif(training.cuda_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.skipif(hardware.cuda_available(), reason="checks the refusal on a machine without a GPU")
 def test_unsloth_backend_is_refused_without_a_gpu():
     with pytest.raises(training.TrainingError, match="--backend unsloth"):
         training.choose_backend("unsloth")

@@ -8,7 +8,8 @@
 
 main() reads as litgpt's finetune/lora.py: setup -> fit -> validate -> save. The trainer is trl's SFTTrainer on both
 backends; the code here only picks the backend, loads the model for it and drives the run; training/callbacks.py
-times it (and keeps it within --minutes), training/save.py writes the adapter folder that game/adapters.py reads
+times it (and keeps it within --minutes), training/hardware.py says what the machine runs it with (precision,
+device facts), training/save.py writes the adapter folder that game/adapters.py reads
 (PEFT files + training_meta.json + README.md + loss.png), atomically.
 """
 
@@ -16,14 +17,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import importlib.util
 import json
 import logging
 import math
 import os
-import platform
-import resource
 import shutil
 import time
 from collections.abc import Sequence
@@ -41,6 +39,8 @@ from training.callbacks import TokenCount, step_meter, time_budget
 from training.config import DataArguments, LoraArguments, ScriptArguments, TrainArguments, recipe
 from training.cuda_graphs import PAD_MULTIPLE, fixed_length, graphed_layers
 from training.data import case_chats, load_case, load_conversations, tokenized
+from training.hardware import (LARGE_BASE_PARAMS, autocast, bf16_ok, cuda_available, device_name, parameter_count,
+                               peak_memory_gib, precision, tf32, versions)
 from training.save import save_adapter
 
 log = logging.getLogger("training")
@@ -49,7 +49,6 @@ TRAINING_TEMPLATE = Path(__file__).with_name("chatml_training.jinja")
 RUN_FILE = "run.json"  # in the work dir: what the checkpoints there were trained with, checked by --resume
 META_VERSION = 1
 CHATS_PER_TOKENIZER = 500  # a tokenizing process for each this many chats: fewer cost more to start than they save
-LARGE_BASE_PARAMS = 2e9  # from here on a base is loaded in 4-bit on the GPU unless told otherwise
 
 
 class TrainingError(RuntimeError):
@@ -60,12 +59,6 @@ class TrainingError(RuntimeError):
 # Backend
 
 
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def choose_backend(requested: str, base: Base | None = None) -> str:
     """auto: Unsloth on a CUDA GPU for a base large enough to load in 4-bit, where its kernels pay (1.7x on the
     Llama-3.1-8B shape); elsewhere transformers + peft, which on a small base is the faster (the embedded base's
@@ -74,7 +67,7 @@ def choose_backend(requested: str, base: Base | None = None) -> str:
     if requested == "auto":
         if not (has_unsloth and cuda_available()):
             return "hf"
-        return "unsloth" if base is not None and _parameter_count(base) >= LARGE_BASE_PARAMS else "hf"
+        return "unsloth" if base is not None and parameter_count(base) >= LARGE_BASE_PARAMS else "hf"
     if requested == "unsloth" and not (has_unsloth and cuda_available()):
         missing = "unsloth is not installed" if not has_unsloth else "no CUDA GPU is visible"
         raise TrainingError(f"--backend unsloth: {missing}; use --backend hf (or auto) to train with transformers")
@@ -119,7 +112,7 @@ def main(script: ScriptArguments, data_args: DataArguments, lora: LoraArguments,
     if base.spec == EMBEDDED:  # the recipe's starting adapter was trained on it, and fits no other base
         lora = lora.resolved(recipe(on_gpu).init)
     train = train.resolved(on_gpu, from_init=lora.init is not None)
-    in_4bit = train.load_in_4bit if train.load_in_4bit is not None else on_gpu and _parameter_count(base) >= LARGE_BASE_PARAMS
+    in_4bit = train.load_in_4bit if train.load_in_4bit is not None else on_gpu and parameter_count(base) >= LARGE_BASE_PARAMS
     if in_4bit and not on_gpu:
         raise TrainingError("--load_in_4bit needs a CUDA GPU (bitsandbytes); the CPU trains the base unquantized")
     if train.compile and (backend != "hf" or not on_gpu):
@@ -234,7 +227,7 @@ def train_case(loaded: LoadedCase, base_model, tokenizer, base: Base, backend: s
         "peak_memory_kind": "cuda max allocated" if on_gpu else "process max RSS",
         "resumed_from": Path(checkpoint).name if checkpoint else None,
         "sample": {"question": sample[0], "answer": sample[1]},
-        "versions": _versions(backend),
+        "versions": versions(backend),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     save_adapter(output, model, base, meta, losses, loaded)
@@ -351,7 +344,7 @@ def load_base(backend: str, base: Base, train: TrainArguments, max_length: int, 
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     on_gpu = torch.cuda.is_available()
-    kwargs = {"dtype": (torch.bfloat16 if _bf16_ok() else torch.float16) if on_gpu else
+    kwargs = {"dtype": (torch.bfloat16 if bf16_ok() else torch.float16) if on_gpu else
               torch.bfloat16 if train.cpu_bf16 else torch.float32}
     if in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -568,76 +561,3 @@ def answer(model, tokenizer, loaded: LoadedCase, question: str, backend: str) ->
                              repetition_penalty=s.repetition_penalty, pad_token_id=tokenizer.pad_token_id)
     new = ids[0, inputs["input_ids"].shape[1]:]
     return clean_answer(tokenizer.decode(new, skip_special_tokens=False), finished=len(new) < s.max_new_tokens)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# helpers
-
-
-def _parameter_count(base: Base) -> int:
-    """Roughly, from the config alone: decides 4-bit loading before any weight is read."""
-    config = json.loads((Path(base.path) / "config.json").read_text()) if Path(base.path).is_dir() else {}
-    h, layers = config.get("hidden_size", 0), config.get("num_hidden_layers", 0)
-    inter, vocab = config.get("intermediate_size", 4 * h), config.get("vocab_size", 0)
-    return layers * (4 * h * h + 3 * h * inter) + vocab * h
-
-
-def autocast(backend: str, on_gpu: bool, in_4bit: bool = False) -> str | None:
-    """The mixed precision the trainer runs under, if any.
-
-    On a bf16 GPU transformers + peft train a bf16 base without autocast: peft keeps the LoRA weights in fp32, so the
-    base's matmuls run in bf16 as under autocast and the adapter's in fp32 (autocast's are bf16), without the ~2,000
-    casts a step autocast adds between them: a step of 8 chats 1.5x as fast on an H200, the same loss
-    (docs/training.md). Unsloth's kernels expect autocast; so does a 4-bit base, whose norms peft keeps in fp32 (only
-    the 135M bf16 base was measured without it); an fp16 GPU needs its loss scaling.
-    """
-    if not on_gpu:
-        return None
-    return "fp16" if not _bf16_ok() else "bf16" if backend == "unsloth" or in_4bit else None
-
-
-def tf32(on_gpu: bool) -> bool:
-    """The LoRA's fp32 matmuls on tensor cores (every GPU that does bf16 does tf32): the base's own run in bf16, so
-    their inputs lose nothing that counts, and fp32's SIMT kernels were ~30% of a step's GPU time (docs/training.md)."""
-    return on_gpu and _bf16_ok()
-
-
-def precision(backend: str, on_gpu: bool, in_4bit: bool = False, cpu_bf16: bool = False) -> str:
-    if not on_gpu:
-        return "bf16 base, fp32 LoRA" if cpu_bf16 else "fp32"
-    mixed = autocast(backend, on_gpu, in_4bit)
-    return (f"{mixed} autocast" if mixed else "bf16 base, fp32 LoRA") + (", tf32 matmuls" if tf32(on_gpu) else "")
-
-
-def _bf16_ok() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def peak_memory_gib(on_gpu: bool) -> float:
-    import torch
-
-    if on_gpu:
-        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # ru_maxrss is in KiB on Linux
-
-
-def _versions(backend: str) -> dict:
-    names = ["torch", "transformers", "trl", "peft", "datasets"] + (["unsloth"] if backend == "unsloth" else [])
-    out = {}
-    for name in names:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
-
