@@ -50,11 +50,10 @@ def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int
     """`n` interrogations sampled from the case's dialogue: min_turns..max_turns questions, each answered in character.
 
     A topic is asked in its own wordings (a share `own_wording` of the time, where it has both) or the question bank's
-    wordings of its intents (Case.dialogue), and its
-    answers fit any of them, so a question and an answer are drawn independently; an answer that carries one of a
-    guilty case's tells is drawn `tell_weight` times as often as another. Within one chat a topic returns now and
-    then (REPEAT_TOPIC) and then gets an answer this chat has not had, or, once it has had them all, one of the
-    case's reminders ("I've told you already").
+    wordings of its intents (Case.dialogue), and its answers fit any of them, so a question and an answer are drawn
+    independently; an answer that carries one of a guilty case's tells is drawn `tell_weight` times as often as
+    another. Within one chat a topic returns now and then (REPEAT_TOPIC) and then gets an answer this chat has not
+    had, or, once it has had them all, one of the case's reminders ("I've told you already").
     """
     rng = random.Random(seed)
     dialogue = case.dialogue()

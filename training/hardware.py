@@ -86,4 +86,3 @@ def versions(backend: str) -> dict:
         except importlib.metadata.PackageNotFoundError:
             pass
     return out
-
