@@ -343,7 +343,7 @@ def load_base(backend: str, base: Base, train: TrainArguments, max_length: int, 
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    on_gpu = torch.cuda.is_available()
+    on_gpu = cuda_available()
     kwargs = {"dtype": (torch.bfloat16 if bf16_ok() else torch.float16) if on_gpu else
               torch.bfloat16 if train.cpu_bf16 else torch.float32}
     if in_4bit:
