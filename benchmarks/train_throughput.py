@@ -92,7 +92,8 @@ def main(args: Args) -> dict:
     from training.config import DataArguments, LoraArguments, TrainArguments
     from training.data import case_chats, load_case
     from training.callbacks import step_meter
-    from training.train import add_lora, hyperparameters, load_base, make_trainer
+    from training.model import add_lora, load_base
+    from training.train import hyperparameters, make_trainer
 
     embedded = resolve(args.base)
     if args.shape == "smollm2-135m":

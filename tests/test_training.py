@@ -25,8 +25,9 @@ from game.scenario import Case
 from training import callbacks, hardware
 from training import save as saving
 from training import train as training
-from training.config import CPU_RECIPE, GPU_RECIPE, PRIOR, LoraArguments, native_cpu_bf16, parse
+from training.config import CPU_RECIPE, GPU_RECIPE, PRIOR, LoraArguments, TrainingError, native_cpu_bf16, parse
 from training.data import DataError, case_chats, load_case, load_conversations
+from training.model import choose_backend, from_init
 
 CASE = Case.model_validate(MINIMAL_CASE)
 # Two short chats a step, two steps: the whole recipe end to end in seconds on a 2-core CPU.
@@ -191,7 +192,7 @@ def test_resume_refuses_checkpoints_made_with_other_settings(tmp_path):
     run = {"case_sha256": "a", "base_fingerprint": "b", "data": {}, "hyperparameters": {"lr": 2e-3}}
     assert training.prepare_work_dir(work, run, resume=False) is None
     (work / "checkpoint-5").mkdir()
-    with pytest.raises(training.TrainingError, match="other settings \\(hyperparameters\\)"):
+    with pytest.raises(TrainingError, match="other settings \\(hyperparameters\\)"):
         training.prepare_work_dir(work, {**run, "hyperparameters": {"lr": 1e-4}}, resume=True)
     assert training.prepare_work_dir(work, run, resume=True) == str(work / "checkpoint-5")
 
@@ -526,20 +527,20 @@ def test_a_cpu_run_on_the_embedded_base_starts_from_the_prior_unless_told_otherw
 
 
 def test_the_prior_is_an_adapter_of_the_embedded_base(base):
-    lora = training.from_init(LoraArguments(init=PRIOR), base)
+    lora = from_init(LoraArguments(init=PRIOR), base)
     assert lora.rank == 4 and sorted(lora.target_modules) == sorted(LoraArguments().target_modules)
 
 
 def test_init_must_be_an_adapter_of_the_same_base(trained, scenarios, tmp_path):
     start, _ = trained
     out = tmp_path / "out"
-    with pytest.raises(training.TrainingError, match="not an adapter folder"):
+    with pytest.raises(TrainingError, match="not an adapter folder"):
         training.main(*args(scenarios, out, "--init", str(tmp_path)))
     other = tmp_path / "other"
     shutil.copytree(start, other)
     meta = json.loads((other / "training_meta.json").read_text())
     (other / "training_meta.json").write_text(json.dumps(meta | {"base_fingerprint": "gguf-sha256:0000"}))
-    with pytest.raises(training.TrainingError, match="trained on another base"):
+    with pytest.raises(TrainingError, match="trained on another base"):
         training.main(*args(scenarios, out, "--init", str(other)))
     assert not out.exists()
 
@@ -664,13 +665,13 @@ def test_a_gpu_trains_as_many_cases_at_once_as_its_memory_and_cores_hold(monkeyp
 
 @pytest.mark.skipif(hardware.cuda_available(), reason="checks the refusal on a machine without a GPU")
 def test_compile_is_refused_without_a_gpu_before_anything_loads(scenarios, tmp_path):
-    with pytest.raises(training.TrainingError, match="--compile is for --backend hf on a CUDA GPU"):
+    with pytest.raises(TrainingError, match="--compile is for --backend hf on a CUDA GPU"):
         training.main(*args(scenarios, tmp_path / "out", "--compile", "true"))
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
 
 
 def test_cpu_without_unsloth_trains_with_hf():
-    assert training.choose_backend("auto") == "hf" or training.cuda_available()
+    assert choose_backend("auto") == "hf" or hardware.cuda_available()
 
 
 def test_auto_takes_unsloth_on_a_gpu_only_for_a_base_it_loads_in_4bit(monkeypatch, base, tmp_path):
@@ -678,20 +679,20 @@ def test_auto_takes_unsloth_on_a_gpu_only_for_a_base_it_loads_in_4bit(monkeypatc
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "unsloth" else find_spec(name))
-    monkeypatch.setattr(training, "cuda_available", lambda: True)
+    monkeypatch.setattr("training.model.cuda_available", lambda: True)
     large = tmp_path / "llama-8b"
     large.mkdir()
     (large / "config.json").write_text(json.dumps({"hidden_size": 4096, "num_hidden_layers": 32,
                                                    "intermediate_size": 14336, "vocab_size": 128256}))
-    assert training.choose_backend("auto", base) == "hf"  # the 135M base: plain transformers is the faster
-    assert training.choose_backend("auto", replace(base, path=str(large))) == "unsloth"
-    assert training.choose_backend("unsloth", base) == "unsloth" and training.choose_backend("hf", base) == "hf"
+    assert choose_backend("auto", base) == "hf"  # the 135M base: plain transformers is the faster
+    assert choose_backend("auto", replace(base, path=str(large))) == "unsloth"
+    assert choose_backend("unsloth", base) == "unsloth" and choose_backend("hf", base) == "hf"
 
 
 @pytest.mark.skipif(hardware.cuda_available(), reason="checks the refusal on a machine without a GPU")
 def test_unsloth_backend_is_refused_without_a_gpu():
-    with pytest.raises(training.TrainingError, match="--backend unsloth"):
-        training.choose_backend("unsloth")
+    with pytest.raises(TrainingError, match="--backend unsloth"):
+        choose_backend("unsloth")
 
 
 # --- GPU ----------------------------------------------------------------------------------------------------------
@@ -723,7 +724,7 @@ def test_gpu_adapter_plays_in_the_cpu_game(scenarios, tmp_path, backend, base):
 
 UNSLOTH_LABELS = """
 import sys
-from training.train import early_imports
+from training.model import early_imports
 early_imports(["--backend", "unsloth"])  # Unsloth before transformers, as `python -m training` does
 from datasets import Dataset
 from game.base import resolve
@@ -731,12 +732,13 @@ from game.scenario import Case
 from game.prompt import system_prompt
 from training import train
 from training.config import CPU_RECIPE, GPU_RECIPE, parse
+from training.model import add_lora, load_base
 from conftest import MINIMAL_CASE
 case = Case.model_validate(MINIMAL_CASE)
 _, data_args, lora, train_args = parse([case.id, "--batch_size", "1"])
 train_args = train_args.resolved(on_gpu=True)
-model, tokenizer = train.load_base("unsloth", resolve("embedded"), train_args, 512, False)
-model, peft = train.add_lora("unsloth", model, lora, train_args, "unsloth")
+model, tokenizer = load_base("unsloth", resolve("embedded"), train_args, 512, False)
+model, peft = add_lora("unsloth", model, lora, train_args, "unsloth")
 messages = [{"role": "system", "content": system_prompt(case)},
             {"role": "user", "content": "Where were you last night?"},
             {"role": "assistant", "content": "Home, after locking up at six."}]

@@ -8,14 +8,14 @@ STARTED = time.perf_counter()  # a case's --minutes count from here: the imports
 import logging  # noqa: E402
 import sys  # noqa: E402
 
-from training.train import early_imports  # noqa: E402
+from training.model import early_imports  # noqa: E402
 
 early_imports(sys.argv[1:])  # before the parser loads trl: Unsloth must patch transformers/trl/peft first
 
 from game.base import BaseModelError  # noqa: E402
-from training.config import parse  # noqa: E402
+from training.config import TrainingError, parse  # noqa: E402
 from training.data import DataError  # noqa: E402
-from training.train import TrainingError, main  # noqa: E402
+from training.train import main  # noqa: E402
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 args = parse(sys.argv[1:])

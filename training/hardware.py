@@ -1,5 +1,6 @@
 """What the machine trains with: its GPU and the precision a run takes there, and the facts training_meta.json records
-(device, peak memory, library versions). No model or trainer here: training/train.py asks and acts on the answers."""
+(device, peak memory, library versions). No model or trainer here: training/model.py and training/train.py ask and
+act on the answers."""
 
 from __future__ import annotations
 
