@@ -59,13 +59,13 @@ def precision(backend: str, on_gpu: bool, in_4bit: bool = False, cpu_bf16: bool 
 def bf16_ok() -> bool:
     import torch
 
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return cuda_available() and torch.cuda.is_bf16_supported()
 
 
 def device_name() -> str:
     import torch
 
-    if torch.cuda.is_available():
+    if cuda_available():
         return torch.cuda.get_device_name(0)
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
