@@ -150,6 +150,18 @@ def test_advice_says_what_to_write():
     assert "the evasion topic answers intents no topic lists: alibi" in covered[0][1]
 
 
+def test_advice_names_a_probed_fact_that_only_some_of_a_topics_answers_say():
+    assert not [f for f, _ in advice(CASE) if f.startswith("probes")]  # every alibi answer says "six"
+    data = json.loads(json.dumps(GUARDED))
+    data["topics"][0]["answers"][2] = "My cottage, then bed."
+    data["probes"].append({"question": "Did anyone see you leave?", "expect": [["the postman"]]})
+    warned = dict(advice(Case.model_validate(data)))
+    assert "2 of the 3 answers of topic 'alibi'" in warned["probes.0.expect.0"]
+    assert "'six' / '6'" in warned["probes.0.expect.0"]
+    assert "no topic answer says 'the postman'" in warned["probes.3.expect.0"]
+    assert "probes.1.expect.0" not in warned  # both orchid answers say "rare"
+
+
 def test_validate_prints_warnings_but_exits_0_and_1_only_for_errors(write_case):
     good = write_case(MINIMAL_CASE)
     run = subprocess.run([sys.executable, "-m", "game", "validate", str(good)], capture_output=True, text=True,
