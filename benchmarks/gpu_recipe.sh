@@ -14,7 +14,9 @@
 #                                           since the eighth, `benchmarks/results/eval-first-shot/`) over every other
 #                                           case written so far (bundled and first-shot files), 600 x 16 in equal
 #                                           shares (--mix 0.9), side by side, into /tmp/r/loo/CASE/prior and
-#                                           $OUT/adapters-loo-*.tgz; then `runs` with `--init /tmp/r/loo/CASE/prior`
+#                                           $OUT/adapters-loo-*.tgz, and one over every case (/tmp/r/loo/all/prior);
+#                                           PRIOR_STEPS, PRIOR_BATCH: 600 x 16 unless set; then `runs` with
+#                                           `--init /tmp/r/loo/CASE/prior`
 #   bash benchmarks/gpu_recipe.sh timings-prior   from $PRIOR (default: the committed one), 50 x 32: one case
 #                                           alone, then every case in one command (--all), each command timed whole
 #   bash benchmarks/gpu_recipe.sh sweep     the bundled adapters evaluated on this GPU, then recipe_sweep.py over
@@ -83,13 +85,14 @@ elif [ "${1:-}" = prior ]; then
 elif [ "${1:-}" = prior-loo ]; then
   written=$(ls scenarios/*.json | grep -v '/schema\.json$'
             for d in benchmarks/results/eval-first-shot/*/; do ls "$d$(basename "$d").json" 2>/dev/null; done)
-  for held in ${LOO:-boatyard-barge-bell model-railway-duchess bowls-club-takings school-fete-bicycle cricket-tea-tin}; do
+  # "all" holds none out: the prior a case written after all of them would start from
+  for held in ${LOO:-boatyard-barge-bell model-railway-duchess bowls-club-takings school-fete-bicycle cricket-tea-tin all}; do
     mkdir -p "/tmp/r/loo-cases/$held"
     for f in $written; do [ "$(basename "$f" .json)" = "$held" ] || cp "$f" "/tmp/r/loo-cases/$held/"; done
     first=$(basename "$(ls /tmp/r/loo-cases/"$held"/*.json | head -1)" .json)
     # --mix 0.9: nine tenths of the chats from the others, so each of the eleven or twelve has about a tenth
     timed "prior-$held" "$first" --scenarios "/tmp/r/loo-cases/$held" --mix 0.9 --steps "${PRIOR_STEPS:-600}" \
-      --batch_size 16 --lr 3e-3 --backend hf --fresh --output "/tmp/r/loo/$held/prior" &
+      --batch_size "${PRIOR_BATCH:-16}" --lr 3e-3 --backend hf --fresh --output "/tmp/r/loo/$held/prior" &
   done
   wait
   pack loo /tmp/r/loo
