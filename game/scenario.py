@@ -220,9 +220,8 @@ def unsteady_facts(case: Case) -> list[tuple[int, int, str]]:
     out = []
     for i, probe in enumerate(case.probes):
         for j, alternatives in enumerate(probe.expect):
-            saying = [(t.name, sum(bool(found(a, alternatives)) for a in t.answers), len(t.answers))
-                      for t in case.topics if t.kind == "fact"]
-            saying = [(name, k, n) for name, k, n in saying if k]
+            saying = [(t.name, k, len(t.answers)) for t in case.topics
+                      if (k := sum(bool(found(a, alternatives)) for a in t.answers))]
             if any(k == n for _, k, n in saying):
                 continue
             fact = " / ".join(f"'{a}'" for a in alternatives[:3])
