@@ -33,6 +33,27 @@ def found(text: str, phrases: Iterable[str]) -> list[str]:
     return [p for p in phrases if says(text, p)]
 
 
+# Outright confessions in any case's words, besides a case's own `admissions`. "It was me" and "you've got me" count
+# only where they end the clause: "it was me who found the pane" and "that's not why you've got me in here" confess
+# nothing (the second is a fourteenth case's author's dodge, scored a false confession until this rule).
+CONFESSIONS = [
+    r"\bit was me(?=\s*(?:[,.!?;…]|$))",
+    r"\bi confess\b",
+    r"\bi(?:'m| am) guilty\b",
+    r"\bi admit it\b",
+    r"\bi did it\b",
+    r"\byou(?:'ve)? (?:got|caught) me(?=\s*(?:[,.!?;…]|$|red handed|bang to rights|fair and square))",
+]
+
+
+def confessions(text: str, admissions: Iterable[str]) -> list[str]:
+    """The outright confessions `text` makes: any of a case's `admissions`, and those of CONFESSIONS."""
+    own = found(text, admissions)
+    norm = normalize(text)
+    generic = [m.group() for p in CONFESSIONS if (m := re.search(p, norm))]
+    return own + [g for g in dict.fromkeys(generic) if g not in {normalize(o) for o in own}]
+
+
 # Two answers whose words agree this much are the same line said again (a word or two changed, a clause dropped);
 # two different answers of one topic, which share its fact, stay well below (docs/eval.md).
 SAME_ANSWER = 0.8

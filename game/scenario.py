@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from game.bank import bank, intent_names
-from game.phrases import found
+from game.phrases import confessions, found
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,13 @@ def advice(case: Case) -> list[tuple[str, str]]:
         out.append(("reminders", "no reminders: write two or three short lines in which "
                                  f"{case.suspect.name} says they have answered that already"))
     out += [(f"probes.{i}.expect.{j}", what) for i, j, what in unsteady_facts(case)]
+    lines = [*((f"topics.{i}.answers.{k}", a) for i, t in enumerate(case.topics) for k, a in enumerate(t.answers)),
+             *((f"reminders.{k}", r) for k, r in enumerate(case.reminders))]
+    for where, line in lines:
+        if said := confessions(line, case.admissions):
+            out.append((where, f"says '{said[0]}', which the evaluation scores as an outright confession (a "
+                               f"{'leak' if case.guilty else 'false confession'}), and the suspect would learn to "
+                               "say it: word it otherwise"))
     if case.guilty:
         spoken = [a for t in case.topics for a in t.answers]
         for i, tell in enumerate(case.tells):

@@ -224,14 +224,17 @@ def test_cli_prompt_only_prints_one_json_object(tmp_path, write_case, base):
     assert "| fact_accuracy |" in (report / "report.md").read_text()
 
 
-@pytest.mark.parametrize("answer", ["It was me, I suppose.", "Fine, I confess.", "All right, I did it."])
+@pytest.mark.parametrize("answer", ["It was me, I suppose.", "Fine, I confess.", "All right, I did it.",
+                                    "All right, you've got me.", "You caught me red-handed, guv."])
 def test_a_confession_in_any_words_counts(answer):
     asked = [Asked(1, 0, "Did you steal the orchid?", answer, "first-0", 0)]
     assert summarize(INNOCENT, asked)["false_confession_rate"] == 1.0
 
 
-def test_it_was_me_who_did_something_else_is_no_confession():
-    assert scoring.admissions("It was me who found the broken pane.", INNOCENT) == []
+@pytest.mark.parametrize("answer", ["It was me who found the broken pane.",
+                                    "That's not why you've got me in here, is it, guv?", "You've got me there."])
+def test_the_same_words_saying_something_else_are_no_confession(answer):
+    assert scoring.admissions(answer, INNOCENT) == []
 
 
 def test_cli_refuses_an_adapter_folder_that_is_not_one(tmp_path, write_case, base):

@@ -162,6 +162,16 @@ def test_advice_names_a_probed_fact_that_only_some_of_a_topics_answers_say():
     assert "probes.1.expect.0" not in warned  # both orchid answers say "rare"
 
 
+def test_advice_names_an_answer_that_would_teach_a_confession():
+    data = json.loads(json.dumps(GUARDED))
+    data["topics"][1]["answers"].append("Fine, you've got me. Now about the orchid.")
+    data["reminders"].append("I took the orchid, as I keep saying.")  # one of the case's own admissions
+    warned = dict(advice(Case.model_validate(data)))
+    assert "'you've got me'" in warned["topics.1.answers.2"] and "a leak" in warned["topics.1.answers.2"]
+    assert "'I took the orchid'" in warned["reminders.2"]
+    assert not [f for f, _ in advice(CASE) if ".answers." in f or f.startswith("reminders.")]
+
+
 def test_validate_prints_warnings_but_exits_0_and_1_only_for_errors(write_case):
     good = write_case(MINIMAL_CASE)
     run = subprocess.run([sys.executable, "-m", "game", "validate", str(good)], capture_output=True, text=True,

@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from game.phrases import found, likeness, normalize, same_answer, says
+from game.phrases import confessions, found, likeness, normalize, same_answer, says
 from game.scenario import Case, Probe
 from game.session import Exchange
 
@@ -47,15 +47,6 @@ _ASSISTANT_TALK = [  # refusals and helpdesk phrases
     r"\b(?:i'?m|i am|i'll be|i will be) (?:happy|glad) to (?:help|assist)\b",
     r"\bmore accurate and helpful\b",
     r"\bbased on the (?:information|context|details) (?:provided|given)\b",
-]
-# Outright confessions in any case's words, besides the case's own `admissions`.
-_CONFESSION = [
-    r"\bit was me(?=\s*(?:[,.!?;…]|$))",
-    r"\bi confess\b",
-    r"\bi(?:'m| am) guilty\b",
-    r"\bi admit it\b",
-    r"\bi did it\b",
-    r"\byou(?:'ve)? (?:got|caught) me\b",
 ]
 _ROLE_TEXT = [
     r"<\|[^|]*\|>|</?s>|\[/?inst\]",
@@ -117,10 +108,7 @@ def stated_facts(answer: str, probe: Probe) -> list[bool]:
 
 def admissions(answer: str, case: Case) -> list[str]:
     """Outright confessions in an answer: the case's `admissions`, and a few any culprit would say ("it was me")."""
-    text = normalize(answer)
-    own = found(answer, case.admissions)
-    generic = [m.group() for p in _CONFESSION if (m := re.search(p, text))]
-    return own + [g for g in dict.fromkeys(generic) if g not in {normalize(o) for o in own}]
+    return confessions(answer, case.admissions)
 
 
 def tells_shown(answer: str, case: Case) -> list[str]:
