@@ -221,8 +221,8 @@ def unsteady_facts(case: Case) -> list[tuple[int, int, str]]:
     """A probe's expected fact that no topic states in every one of its answers, as (probe, expect group, advice).
 
     A question gets any one of its topic's answers (training draws them independently of the wording), so a fact
-    that only some of a topic's answers state is said in only some games: the thirteenth case's first shot missed
-    four of its six fact probes this way (docs/training.md).
+    that only some of a topic's answers state is said in only some games: the thirteenth case's first shot lost four
+    of its eighteen fact answers this way (docs/training.md).
     """
     out = []
     for i, probe in enumerate(case.probes):
