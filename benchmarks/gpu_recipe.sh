@@ -90,7 +90,7 @@ elif [ "${1:-}" = prior-loo ]; then
     mkdir -p "/tmp/r/loo-cases/$held"
     for f in $written; do [ "$(basename "$f" .json)" = "$held" ] || cp "$f" "/tmp/r/loo-cases/$held/"; done
     first=$(basename "$(ls /tmp/r/loo-cases/"$held"/*.json | head -1)" .json)
-    # --mix 0.9: nine tenths of the chats from the others, so each of the eleven or twelve has about a tenth
+    # --mix 0.9: nine tenths of the chats from the others, so each of the twelve or thirteen has about a tenth
     timed "prior-$held" "$first" --scenarios "/tmp/r/loo-cases/$held" --mix 0.9 --steps "${PRIOR_STEPS:-600}" \
       --batch_size "${PRIOR_BATCH:-16}" --lr 3e-3 --backend hf --fresh --output "/tmp/r/loo/$held/prior" &
   done
