@@ -79,6 +79,28 @@ def test_own_wording_sets_how_often_a_topic_is_asked_in_its_authors_words(share)
     assert sum(q in own for q in asked) / len(asked) == pytest.approx(share, abs=0.05)
 
 
+def test_drop_words_leaves_out_words_of_the_questions_and_nothing_else():
+    def said(rows, role):
+        return [m["content"] for row in rows for m in row["messages"] if m["role"] == role]
+
+    whole, dropped = case_chats(CASE, 300, seed=0), case_chats(CASE, 300, seed=0, drop_words=0.3)
+    assert said(case_chats(CASE, 300, seed=0, drop_words=0.0), "user") == said(whole, "user")
+    pools = {q for _, qs in CASE.dialogue() for q in qs}
+    asked = said(dropped, "user")
+    shortened = [q for q in asked if q not in pools]
+    assert len(shortened) > len(asked) / 2
+    for q in shortened:  # each is some wording with words left out, in their order, two at least
+        words = q.split()
+        assert len(words) >= 2 and any(_in_order(words, p.split()) for p in pools if len(p.split()) > len(words))
+    lines = {a for topic, _ in CASE.dialogue() for a in topic.answers} | set(CASE.repeat_lines)
+    assert set(said(dropped, "assistant")) <= lines
+
+
+def _in_order(words: list[str], within: list[str]) -> bool:
+    it = iter(within)
+    return all(word in it for word in words)
+
+
 def test_intents_no_topic_lists_are_asked_of_the_evasion_topic():
     pools = {topic.name: questions for topic, questions in CASE.dialogue()}
     assert set(bank().intents["feelings"].train) <= set(pools["dodging"])

@@ -324,6 +324,7 @@ def test_a_guilty_suspects_lines_that_let_a_tell_slip_are_drawn_tell_weight_time
     (["a", "--tell_weight", "0"], "--tell_weight must be positive"),
     (["a", "--neftune", "0"], "--neftune is the noise's alpha, positive"),
     (["a", "--own_wording", "1.5"], "--own_wording is a share of a topic's questions, 0 to 1"),
+    (["a", "--drop_words", "1"], "--drop_words is each word's chance to be left out"),
 ])
 def test_bad_data_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):

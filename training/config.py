@@ -179,6 +179,8 @@ class DataArguments:
     own_wording: float = field(default=OWN_WORDING, metadata={"help": "Share of a topic's questions asked in its own "
                                                                       "wordings rather than the question bank's, where "
                                                                       "it has both; 0 to 1."})
+    drop_words: float = field(default=0.0, metadata={"help": "Chance that each word of a training question is left "
+                                                             "out (a question keeps two at least); 0: none."})
 
     def __post_init__(self):
         if not 1 <= self.min_turns <= self.max_turns:
@@ -189,6 +191,8 @@ class DataArguments:
             raise ValueError(f"--tell_weight must be positive, got {self.tell_weight}")
         if not 0 <= self.own_wording <= 1:
             raise ValueError(f"--own_wording is a share of a topic's questions, 0 to 1, got {self.own_wording}")
+        if not 0 <= self.drop_words < 1:
+            raise ValueError(f"--drop_words is each word's chance to be left out, 0 to under 1, got {self.drop_words}")
         if self.mix and self.data is not None:
             raise ValueError("--mix draws chats from the cases; --data trains on a file's conversations instead")
 

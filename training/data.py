@@ -45,15 +45,24 @@ def unsaid(lines: list[str], said: set[str]) -> list[str]:
     return [line for line in lines if line not in said]
 
 
+def dropped(question: str, share: float, rng: random.Random) -> str:
+    """The question with each word left out at the chance `share` (it keeps two at least): an author's wording and a
+    player's share a name more often than their other words, and a suspect trained on whole wordings learns to follow
+    the name to the topic whose wordings carry it, whatever the rest of the question asks."""
+    kept = [word for word in question.split() if rng.random() >= share]
+    return " ".join(kept) if len(kept) >= 2 else question
+
+
 def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int = 5,
-               tell_weight: float = TELL_WEIGHT, own_wording: float = OWN_WORDING) -> Dataset:
+               tell_weight: float = TELL_WEIGHT, own_wording: float = OWN_WORDING, drop_words: float = 0.0) -> Dataset:
     """`n` interrogations sampled from the case's dialogue: min_turns..max_turns questions, each answered in character.
 
     A topic is asked in its own wordings (a share `own_wording` of the time, where it has both) or the question bank's
     wordings of its intents (Case.dialogue), and its answers fit any of them, so a question and an answer are drawn
     independently; an answer that carries one of a guilty case's tells is drawn `tell_weight` times as often as
     another. Within one chat a topic returns now and then (REPEAT_TOPIC) and then gets an answer this chat has not
-    had, or, once it has had them all, one of the case's reminders ("I've told you already").
+    had, or, once it has had them all, one of the case's reminders ("I've told you already"). With `drop_words`, each
+    question's words are left out at that chance (dropped()).
     """
     rng = random.Random(seed)
     dialogue = case.dialogue()
@@ -83,6 +92,8 @@ def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int
             topic, questions = dialogue[i]
             own = topic.questions and (len(questions) == len(topic.questions) or rng.random() < own_wording)
             question = rng.choice(topic.questions if own else questions[len(topic.questions):])
+            if drop_words:  # only then: the default's chats stay what they were, draw for draw
+                question = dropped(question, drop_words, rng)
             answer = draw(unsaid(topic.answers, said) or unsaid(case.repeat_lines, said))
             said.add(answer)
             exchanges.append(Exchange(question, answer))

@@ -209,12 +209,12 @@ def build_dataset(loaded: LoadedCase, data_args: DataArguments, train: TrainArgu
     source = {"source": "case", "chats": n, "question_bank_sha256": file_sha256(BANK)}
     others = [other for other in others if other.case.id != loaded.case.id] if data_args.mix else []
     borrowed = round(n * data_args.mix) if others else 0
-    parts = [case_chats(loaded.case, n - borrowed, train.seed, data_args.min_turns, data_args.max_turns,
-                        data_args.tell_weight, data_args.own_wording)]
+    shape = dict(min_turns=data_args.min_turns, max_turns=data_args.max_turns, tell_weight=data_args.tell_weight,
+                 own_wording=data_args.own_wording, drop_words=data_args.drop_words)
+    parts = [case_chats(loaded.case, n - borrowed, train.seed, **shape)]
     for i, other in enumerate(others):  # an even share each, the remainder to the first ones
         share = borrowed // len(others) + (i < borrowed % len(others))
-        parts.append(case_chats(other.case, share, train.seed + 1 + i, data_args.min_turns, data_args.max_turns,
-                                data_args.tell_weight, data_args.own_wording))
+        parts.append(case_chats(other.case, share, train.seed + 1 + i, **shape))
     if borrowed:
         source |= {"mix": data_args.mix, "others": {o.case.id: o.sha256 for o in others}}
     return concatenate_datasets(parts).shuffle(seed=train.seed), source
@@ -250,6 +250,7 @@ def hyperparameters(data_args: DataArguments, lora: LoraArguments, train: TrainA
         "max_turns": data_args.max_turns,
         "tell_weight": data_args.tell_weight,
         "own_wording": data_args.own_wording,
+        "drop_words": data_args.drop_words,
         "loss": "assistant tokens only",
     }
 
