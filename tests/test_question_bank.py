@@ -96,6 +96,16 @@ def test_drop_words_leaves_out_words_of_the_questions_and_nothing_else():
     assert set(said(dropped, "assistant")) <= lines
 
 
+def test_drop_in_own_leaves_the_banks_wordings_whole():
+    own = {q for t in CASE.topics for q in t.questions}
+    bank_wordings = {q for i in bank().intents.values() for q in i.train}
+    asked = [m["content"] for row in case_chats(CASE, 300, seed=0, drop_words=0.5, drop_in="own")
+             for m in row["messages"] if m["role"] == "user"]
+    shortened = [q for q in asked if q not in own | bank_wordings]
+    assert shortened and sum(q in bank_wordings for q in asked) > len(asked) / 4
+    assert all(any(_in_order(q.split(), p.split()) for p in own) for q in shortened)  # only the author's wordings
+
+
 def _in_order(words: list[str], within: list[str]) -> bool:
     it = iter(within)
     return all(word in it for word in words)

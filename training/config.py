@@ -181,6 +181,9 @@ class DataArguments:
                                                                       "it has both; 0 to 1."})
     drop_words: float = field(default=0.0, metadata={"help": "Chance that each word of a training question is left "
                                                              "out (a question keeps two at least); 0: none."})
+    drop_in: Literal["all", "own"] = field(default="all", metadata={"help": "Which questions --drop_words shortens: "
+                                                                             "all, or the author's own wordings only "
+                                                                             "(the question bank's stay whole)."})
 
     def __post_init__(self):
         if not 1 <= self.min_turns <= self.max_turns:

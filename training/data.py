@@ -54,7 +54,8 @@ def dropped(question: str, share: float, rng: random.Random) -> str:
 
 
 def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int = 5,
-               tell_weight: float = TELL_WEIGHT, own_wording: float = OWN_WORDING, drop_words: float = 0.0) -> Dataset:
+               tell_weight: float = TELL_WEIGHT, own_wording: float = OWN_WORDING, drop_words: float = 0.0,
+               drop_in: str = "all") -> Dataset:
     """`n` interrogations sampled from the case's dialogue: min_turns..max_turns questions, each answered in character.
 
     A topic is asked in its own wordings (a share `own_wording` of the time, where it has both) or the question bank's
@@ -62,7 +63,8 @@ def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int
     independently; an answer that carries one of a guilty case's tells is drawn `tell_weight` times as often as
     another. Within one chat a topic returns now and then (REPEAT_TOPIC) and then gets an answer this chat has not
     had, or, once it has had them all, one of the case's reminders ("I've told you already"). With `drop_words`, each
-    question's words are left out at that chance (dropped()).
+    question's words are left out at that chance (dropped()): every question's, or with `drop_in="own"` only those of
+    the author's own wordings.
     """
     rng = random.Random(seed)
     dialogue = case.dialogue()
@@ -92,7 +94,7 @@ def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int
             topic, questions = dialogue[i]
             own = topic.questions and (len(questions) == len(topic.questions) or rng.random() < own_wording)
             question = rng.choice(topic.questions if own else questions[len(topic.questions):])
-            if drop_words:  # only then: the default's chats stay what they were, draw for draw
+            if drop_words and (own or drop_in == "all"):  # only then: the default's chats stay what they were
                 question = dropped(question, drop_words, rng)
             answer = draw(unsaid(topic.answers, said) or unsaid(case.repeat_lines, said))
             said.add(answer)
