@@ -80,30 +80,30 @@ def test_own_wording_sets_how_often_a_topic_is_asked_in_its_authors_words(share)
 
 
 def test_drop_words_leaves_out_words_of_the_questions_and_nothing_else():
-    def said(rows, role):
-        return [m["content"] for row in rows for m in row["messages"] if m["role"] == role]
-
     whole, dropped = case_chats(CASE, 300, seed=0), case_chats(CASE, 300, seed=0, drop_words=0.3)
-    assert said(case_chats(CASE, 300, seed=0, drop_words=0.0), "user") == said(whole, "user")
+    assert _said(case_chats(CASE, 300, seed=0, drop_words=0.0), "user") == _said(whole, "user")
     pools = {q for _, qs in CASE.dialogue() for q in qs}
-    asked = said(dropped, "user")
+    asked = _said(dropped, "user")
     shortened = [q for q in asked if q not in pools]
     assert len(shortened) > len(asked) / 2
     for q in shortened:  # each is some wording with words left out, in their order, two at least
         words = q.split()
         assert len(words) >= 2 and any(_in_order(words, p.split()) for p in pools if len(p.split()) > len(words))
     lines = {a for topic, _ in CASE.dialogue() for a in topic.answers} | set(CASE.repeat_lines)
-    assert set(said(dropped, "assistant")) <= lines
+    assert set(_said(dropped, "assistant")) <= lines
 
 
 def test_drop_in_own_leaves_the_banks_wordings_whole():
     own = {q for t in CASE.topics for q in t.questions}
     bank_wordings = {q for i in bank().intents.values() for q in i.train}
-    asked = [m["content"] for row in case_chats(CASE, 300, seed=0, drop_words=0.5, drop_in="own")
-             for m in row["messages"] if m["role"] == "user"]
+    asked = _said(case_chats(CASE, 300, seed=0, drop_words=0.5, drop_in="own"), "user")
     shortened = [q for q in asked if q not in own | bank_wordings]
     assert shortened and sum(q in bank_wordings for q in asked) > len(asked) / 4
     assert all(any(_in_order(q.split(), p.split()) for p in own) for q in shortened)  # only the author's wordings
+
+
+def _said(rows, role: str) -> list[str]:
+    return [m["content"] for row in rows for m in row["messages"] if m["role"] == role]
 
 
 def _in_order(words: list[str], within: list[str]) -> bool:
