@@ -63,6 +63,25 @@ def words(text: str) -> list[str]:
     return re.findall(r"[\w']+", normalize(text))
 
 
+MIN_WORD = 4  # shorter words ("on", "off", "her", "rag") are mostly grammar; the few that are not rarely decide
+COMMON = frozenset("""
+about above after again against also although always another anyone anything around asked asking aside away
+back because been before being below between both came cannot come comes could does doing done down during each
+either else even ever every from gets give gives going gone good have having here hers herself himself into
+just keep keeps kept know knows like likes made make makes many might more most much must never next nothing
+once only other others over quite rather really said same says seem seems should since some something soon still
+such take takes tell tells than that their theirs them themselves then there these they thing things this those
+though through thus together told took toward towards under until upon very want wants was were what when where
+whether which while whom whose will with within without would your yours
+""".split())
+
+
+def content_words(text: str) -> tuple[str, ...]:
+    """The words of `text` that say what it is about, in order, once each: those left after common English ones."""
+    found_words = re.findall(r"[a-z]+(?:'[a-z]+)?", normalize(text))
+    return tuple(dict.fromkeys(w for w in found_words if len(w) >= MIN_WORD and w not in COMMON))
+
+
 def likeness(a: str, b: str) -> float:
     """How much of two texts is the same words in the same order (difflib's ratio over words, 0..1)."""
     return SequenceMatcher(None, words(a), words(b), autojunk=False).ratio()

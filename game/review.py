@@ -8,24 +8,15 @@ ones and the words every quirk sentence uses to describe a habit ("keeps", "cons
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from functools import cache
 
-from game.phrases import found, normalize
+from game.phrases import content_words, found
 from game.scenario import Case
 from game.session import Exchange
 
-MIN_WORD = 4  # shorter words ("on", "off", "her", "rag") are mostly grammar; the few that are not rarely decide
-COMMON = frozenset("""
-about above after again against also although always another anyone anything around asked asking aside away
-back because been before being below between both came cannot come comes could does doing done down during each
-either else even ever every from gets give gives going gone good have having here hers herself himself into
-just keep keeps kept know knows like likes made make makes many might more most much must never next nothing
-once only other others over quite rather really said same says seem seems should since some something soon still
-such take takes tell tells than that their theirs them themselves then there these they thing things this those
-though through thus together told took toward towards under until upon very want wants was were what when where
-whether which while whom whose will with within without would your yours
+# The words every quirk sentence uses to describe a habit, which say nothing of which habit it is.
+HABIT_WORDS = frozenset("""
 constantly often always habit habits tends tend moment suddenly oddly odd strange strangely awkward awkwardly
 sound sounds sounding look looks looking seem seemed appear appears appearing talk talks talking
 speaks speak speaking mention mentions mentioning nervous nervously guilty shifty suspicious suspiciously
@@ -36,8 +27,7 @@ times turns details subject changing entry
 @cache
 def quirk_words(quirk: str) -> tuple[str, ...]:
     """The distinctive words of a quirk's sentence, standing in for the keywords a quirk does not have."""
-    words = re.findall(r"[a-z]+(?:'[a-z]+)?", normalize(quirk))
-    return tuple(dict.fromkeys(w for w in words if len(w) >= MIN_WORD and w not in COMMON))
+    return tuple(w for w in content_words(quirk) if w not in HABIT_WORDS)
 
 
 def slips(case: Case, transcript: Sequence[Exchange]) -> tuple[tuple[str, ...], ...]:

@@ -13,7 +13,7 @@ from game.phrases import likeness
 from game.scenario import Case, advice, read_case
 from game.session import Exchange
 from game.suspect import final_answer
-from training.data import case_chats
+from training.data import case_chats, load_case, matched
 from training.scoring import REMINDER, Asked, source_topic, summarize
 
 # The intents the issue names, by the bank's names for them.
@@ -100,6 +100,28 @@ def test_drop_in_own_leaves_the_banks_wordings_whole():
     shortened = [q for q in asked if q not in own | bank_wordings]
     assert shortened and sum(q in bank_wordings for q in asked) > len(asked) / 4
     assert all(any(_in_order(q.split(), p.split()) for p in own) for q in shortened)  # only the author's wordings
+
+
+def test_matched_counts_the_question_words_that_set_an_answer_apart_from_its_topics_others():
+    lines = ["Bass in the choir for thirty years.", "Forty years on the Wenbury round.", "Just an old postman."]
+    assert matched("How long have you sung in the St Aldhelm's choir?", lines) == [1, 0, 0]
+    assert matched("Did you ring the bells?", ["I rang the bell at six.", "Not me."]) == [1, 0]  # a plural is the word
+    assert matched("Where was the bell?", ["The bell was in the tower.", "The bell hung by the door."]) == [0, 0]
+
+
+def test_answer_match_draws_the_answer_that_shares_the_authors_words_more_often():
+    case = load_case(ROOT / "scenarios", "bakeoff-salt").case
+    answers = {q: list(t.answers) for t in case.topics for q in t.questions or []}
+
+    def fitting(weight: float) -> float:  # of first answers to an author's wording that one answer fits best, that one
+        hits = []
+        for row in case_chats(case, 3000, seed=0, min_turns=1, max_turns=1, answer_match=weight):
+            question, answer = row["messages"][1]["content"], row["messages"][2]["content"]
+            if question in answers and len(set(counts := matched(question, answers[question]))) > 1:
+                hits.append(counts[answers[question].index(answer)] == max(counts))
+        return sum(hits) / len(hits)
+
+    assert fitting(3.0) > fitting(1.0) + 0.2
 
 
 def _said(rows, role: str) -> list[str]:

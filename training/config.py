@@ -184,6 +184,9 @@ class DataArguments:
     drop_in: Literal["all", "own"] = field(default="all", metadata={"help": "Which questions --drop_words shortens: "
                                                                              "all, or the author's own wordings only "
                                                                              "(the question bank's stay whole)."})
+    answer_match: float = field(default=1.0, metadata={"help": "How many times as often a topic's answer is drawn "
+                                                               "for each word it shares with the question asked "
+                                                               "(beyond those all its answers share); 1: at its share."})
 
     def __post_init__(self):
         if not 1 <= self.min_turns <= self.max_turns:
@@ -196,6 +199,9 @@ class DataArguments:
             raise ValueError(f"--own_wording is a share of a topic's questions, 0 to 1, got {self.own_wording}")
         if not 0 <= self.drop_words < 1:
             raise ValueError(f"--drop_words is each word's chance to be left out, 0 to under 1, got {self.drop_words}")
+        if self.answer_match < 1:
+            raise ValueError(f"--answer_match weighs the answers that share the question's words, 1 or more, got "
+                             f"{self.answer_match}")
         if self.mix and self.data is not None:
             raise ValueError("--mix draws chats from the cases; --data trains on a file's conversations instead")
 

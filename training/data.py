@@ -13,6 +13,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from game.phrases import content_words
 from game.prompt import chat, system_prompt
 from game.scenario import Case, LoadedCase, read_cases
 from game.session import Exchange
@@ -53,9 +54,24 @@ def dropped(question: str, share: float, rng: random.Random) -> str:
     return " ".join(kept) if len(kept) >= 2 else question
 
 
+def stem(word: str) -> str:
+    word = word.removesuffix("'s")
+    return word[:-1] if word.endswith("s") and not word.endswith("ss") else word
+
+
+def matched(question: str, lines: list[str]) -> list[int]:
+    """For each line, how many of the question's words it says that not every one of `lines` says: the words that
+    make one of a topic's answers fit this wording better than its others ("How long have you sung in the choir?" and
+    "Bass in the choir for thirty years" rather than "Retired postman, forty years on the round")."""
+    asked = {stem(w) for w in content_words(question)}
+    shared = [asked & {stem(w) for w in content_words(line)} for line in lines]
+    everywhere = set.intersection(*shared) if shared else set()
+    return [len(words - everywhere) for words in shared]
+
+
 def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int = 5,
                tell_weight: float = TELL_WEIGHT, own_wording: float = OWN_WORDING, drop_words: float = 0.0,
-               drop_in: str = "all") -> Dataset:
+               drop_in: str = "all", answer_match: float = 1.0) -> Dataset:
     """`n` interrogations sampled from the case's dialogue: min_turns..max_turns questions, each answered in character.
 
     A topic is asked in its own wordings (a share `own_wording` of the time, where it has both) or the question bank's
@@ -64,15 +80,18 @@ def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int
     another. Within one chat a topic returns now and then (REPEAT_TOPIC) and then gets an answer this chat has not
     had, or, once it has had them all, one of the case's reminders ("I've told you already"). With `drop_words`, each
     question's words are left out at that chance (dropped()): every question's, or with `drop_in="own"` only those of
-    the author's own wordings.
+    the author's own wordings. With `answer_match`, an answer is drawn that many times as often for each word it
+    shares with the question as asked, beyond those all its topic's answers share (matched()).
     """
     rng = random.Random(seed)
     dialogue = case.dialogue()
     spoken = [*(a for topic, _ in dialogue for a in topic.answers), *case.repeat_lines]
     slips = {line for line in spoken if case.guilty and any(tell.shown_in(line) for tell in case.tells)}
 
-    def draw(lines: list[str]) -> str:
+    def draw(lines: list[str], question: str) -> str:
         weights = [tell_weight if line in slips else 1.0 for line in lines]
+        if answer_match != 1.0:
+            weights = [w * answer_match ** n for w, n in zip(weights, matched(question, lines))]
         # rng.choice where no line weighs more keeps an innocent case's chats what they were before tells had weight
         return rng.choices(lines, weights)[0] if any(w != 1.0 for w in weights) else rng.choice(lines)
 
@@ -96,7 +115,7 @@ def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int
             question = rng.choice(topic.questions if own else questions[len(topic.questions):])
             if drop_words and (own or drop_in == "all"):  # only then: the default's chats stay what they were
                 question = dropped(question, drop_words, rng)
-            answer = draw(unsaid(topic.answers, said) or unsaid(case.repeat_lines, said))
+            answer = draw(unsaid(topic.answers, said) or unsaid(case.repeat_lines, said), question)
             said.add(answer)
             exchanges.append(Exchange(question, answer))
         *transcript, last = exchanges

@@ -210,7 +210,8 @@ def build_dataset(loaded: LoadedCase, data_args: DataArguments, train: TrainArgu
     others = [other for other in others if other.case.id != loaded.case.id] if data_args.mix else []
     borrowed = round(n * data_args.mix) if others else 0
     shape = dict(min_turns=data_args.min_turns, max_turns=data_args.max_turns, tell_weight=data_args.tell_weight,
-                 own_wording=data_args.own_wording, drop_words=data_args.drop_words, drop_in=data_args.drop_in)
+                 own_wording=data_args.own_wording, drop_words=data_args.drop_words, drop_in=data_args.drop_in,
+                 answer_match=data_args.answer_match)
     parts = [case_chats(loaded.case, n - borrowed, train.seed, **shape)]
     for i, other in enumerate(others):  # an even share each, the remainder to the first ones
         share = borrowed // len(others) + (i < borrowed % len(others))
@@ -252,6 +253,7 @@ def hyperparameters(data_args: DataArguments, lora: LoraArguments, train: TrainA
         "own_wording": data_args.own_wording,
         "drop_words": data_args.drop_words,
         "drop_in": data_args.drop_in,
+        "answer_match": data_args.answer_match,
         "loss": "assistant tokens only",
     }
 
