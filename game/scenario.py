@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -164,14 +165,14 @@ class Case(Strict):
         """The topics that answer an intent: those that list it, else the evasion topic."""
         return [t for t in self.topics if intent in t.intents] or [self.evasion]
 
-    def dialogue(self) -> list[tuple[Topic, list[str]]]:
+    def dialogue(self, extra: Mapping[str, Sequence[str]] | None = None) -> list[tuple[Topic, list[str]]]:
         """Every topic (the bank's evasion too, where the case has none) with the questions training asks it: its
-        own wordings and the bank's training wordings of its intents; the evasion topic's are those of every intent
-        no topic lists."""
+        own wordings, then the bank's training wordings of its intents and `extra`'s (more wordings by intent); the
+        evasion topic's are those of every intent no topic lists."""
         intents = bank().intents
         topics = [t for t in self.topics if t.kind != "evasion"] + [self.evasion]
         return [(t, [*t.questions, *(q for name in (self.uncovered() if t.kind == "evasion" else t.intents)
-                                     for q in intents[name].train)]) for t in topics]
+                                     for q in [*intents[name].train, *(extra or {}).get(name, ())])]) for t in topics]
 
     def uncovered(self) -> list[str]:
         """Intents no topic lists: the suspect evades them."""

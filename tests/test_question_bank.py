@@ -13,7 +13,7 @@ from game.phrases import likeness
 from game.scenario import Case, advice, read_case
 from game.session import Exchange
 from game.suspect import final_answer
-from training.data import case_chats, load_case, matched
+from training.data import borrowed_wordings, case_chats, load_case, matched
 from training.scoring import REMINDER, Asked, source_topic, summarize
 
 # The intents the issue names, by the bank's names for them.
@@ -122,6 +122,33 @@ def test_answer_match_draws_the_answer_that_shares_the_authors_words_more_often(
         return sum(hits) / len(hits)
 
     assert fitting(3.0) > fitting(1.0) + 0.2
+
+
+def test_borrowed_wordings_are_other_cases_wordings_of_one_intent_and_never_a_probe():
+    lenders = [load_case(ROOT / "scenarios", name).case for name in ("bakeoff-salt", "library-tithe-map")]
+    held_out = [lenders[0].probes[0].question, *lenders[0].probes[0].paraphrases]
+    probing = CASE.model_copy(update={"probes": [CASE.probes[0].model_copy(update={"paraphrases": held_out})]})
+    borrowed = borrowed_wordings(probing, lenders)
+    single = {(t.intents[0], q) for c in lenders for t in c.topics if len(t.intents) == 1 for q in t.questions}
+    several = {q for c in lenders for t in c.topics if len(t.intents) > 1 for q in t.questions}
+    pairs = {(intent, q) for intent, qs in borrowed.items() for q in qs}
+    assert pairs and pairs <= single
+    assert not {q for _, q in pairs} & (several - {q for _, q in single})
+    assert not {q.casefold() for _, q in pairs} & {q.casefold() for q in held_out}
+    assert borrowed_wordings(lenders[0], lenders[:1]) == {}  # a case lends nothing to itself
+
+
+def test_borrowed_wordings_are_asked_of_the_topics_of_their_intent_beside_the_banks():
+    extra = {"whereabouts": [f"Where were you at {h} o'clock, Mr Pell?" for h in range(1, 11)],
+             "crime": [f"Who took Reg's {thing}?" for thing in ("cup", "marrow", "shears", "trowel", "rake")]}
+    assert case_chats(CASE, 200, seed=0, borrowed={}).to_list() == case_chats(CASE, 200, seed=0).to_list()
+    asked_of = {}
+    for row in case_chats(CASE, 2000, seed=0, min_turns=1, max_turns=1, borrowed=extra):
+        question, answer = row["messages"][-2]["content"], row["messages"][-1]["content"]
+        asked_of.setdefault(question, set()).add(next(t.name for t in CASE.topics if answer in t.answers))
+    for intent, questions in extra.items():
+        topics = set().union(*(asked_of.get(q, set()) for q in questions))
+        assert topics == {t.name for t in CASE.answering(intent)}
 
 
 def _said(rows, role: str) -> list[str]:

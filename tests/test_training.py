@@ -326,6 +326,7 @@ def test_a_guilty_suspects_lines_that_let_a_tell_slip_are_drawn_tell_weight_time
     (["a", "--own_wording", "1.5"], "--own_wording is a share of a topic's questions, 0 to 1"),
     (["a", "--drop_words", "1"], "--drop_words is each word's chance to be left out"),
     (["a", "--answer_match", "0.5"], "--answer_match weighs the answers that share the question's words, 1 or more"),
+    (["a", "--borrow_wordings", "no/such/folder"], "--borrow_wordings: no such folder or file: no/such/folder"),
 ])
 def test_bad_data_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -187,6 +187,10 @@ class DataArguments:
     answer_match: float = field(default=1.0, metadata={"help": "How many times as often a topic's answer is drawn "
                                                                "for each word it shares with the question asked "
                                                                "(beyond those all its answers share); 1: at its share."})
+    borrow_wordings: Path | None = field(default=None, metadata={"help": "A folder (or one file) of other cases: "
+                                                                         "their topics' own wordings of one intent "
+                                                                         "are asked beside the question bank's "
+                                                                         "(training.data.borrowed_wordings)."})
 
     def __post_init__(self):
         if not 1 <= self.min_turns <= self.max_turns:
@@ -202,6 +206,8 @@ class DataArguments:
         if self.answer_match < 1:
             raise ValueError(f"--answer_match weighs the answers that share the question's words, 1 or more, got "
                              f"{self.answer_match}")
+        if self.borrow_wordings is not None and not self.borrow_wordings.exists():
+            raise ValueError(f"--borrow_wordings: no such folder or file: {self.borrow_wordings}")
         if self.mix and self.data is not None:
             raise ValueError("--mix draws chats from the cases; --data trains on a file's conversations instead")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from datasets import Dataset
@@ -69,9 +70,27 @@ def matched(question: str, lines: list[str]) -> list[int]:
     return [len(words - everywhere) for words in shared]
 
 
+def borrowed_wordings(case: Case, others: Iterable[Case]) -> dict[str, list[str]]:
+    """By intent, the own question wordings of the other cases' topics that answer that one intent: questions as
+    players put them, full of another case's names, places and objects, that a topic answers for what they ask. Asked
+    of `case`'s topics beside the bank's entity-free wordings, they teach its suspect to route a question by what it
+    asks rather than by the names in it. Multi-intent topics' wordings are left out (which intent each asks is
+    unknown), and so is any wording `case` holds out as a probe."""
+    held_out = {q.casefold() for probe in case.probes for q in (probe.question, *probe.paraphrases)}
+    out: dict[str, list[str]] = {}
+    for other in others:
+        if other.id == case.id:
+            continue
+        for topic in other.topics:
+            if len(topic.intents) == 1:
+                out.setdefault(topic.intents[0], []).extend(q for q in topic.questions if q.casefold() not in held_out)
+    return out
+
+
 def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int = 5,
                tell_weight: float = TELL_WEIGHT, own_wording: float = OWN_WORDING, drop_words: float = 0.0,
-               drop_in: str = "all", answer_match: float = 1.0) -> Dataset:
+               drop_in: str = "all", answer_match: float = 1.0,
+               borrowed: Mapping[str, Sequence[str]] | None = None) -> Dataset:
     """`n` interrogations sampled from the case's dialogue: min_turns..max_turns questions, each answered in character.
 
     A topic is asked in its own wordings (a share `own_wording` of the time, where it has both) or the question bank's
@@ -81,10 +100,11 @@ def case_chats(case: Case, n: int, seed: int, min_turns: int = 1, max_turns: int
     had, or, once it has had them all, one of the case's reminders ("I've told you already"). With `drop_words`, each
     question's words are left out at that chance (dropped()): every question's, or with `drop_in="own"` only those of
     the author's own wordings. With `answer_match`, an answer is drawn that many times as often for each word it
-    shares with the question as asked, beyond those all its topic's answers share (matched()).
+    shares with the question as asked, beyond those all its topic's answers share (matched()). `borrowed`: more
+    wordings by intent (borrowed_wordings()), asked beside the bank's.
     """
     rng = random.Random(seed)
-    dialogue = case.dialogue()
+    dialogue = case.dialogue(borrowed)
     spoken = [*(a for topic, _ in dialogue for a in topic.answers), *case.repeat_lines]
     slips = {line for line in spoken if case.guilty and any(tell.shown_in(line) for tell in case.tells)}
 

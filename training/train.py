@@ -37,7 +37,7 @@ from game.scenario import LoadedCase, read_cases
 from training.callbacks import TokenCount, step_meter, time_budget
 from training.config import DataArguments, LoraArguments, ScriptArguments, TrainArguments, TrainingError, recipe
 from training.cuda_graphs import PAD_MULTIPLE, fixed_length, graphed_layers
-from training.data import case_chats, load_case, load_conversations, tokenized
+from training.data import borrowed_wordings, case_chats, load_case, load_conversations, tokenized
 from training.hardware import (LARGE_BASE_PARAMS, autocast, cuda_available, device_name, parameter_count, peak_memory_gib,
                                precision, tf32, versions)
 from training.model import add_lora, choose_backend, early_imports, from_init, load_base
@@ -212,7 +212,12 @@ def build_dataset(loaded: LoadedCase, data_args: DataArguments, train: TrainArgu
     shape = dict(min_turns=data_args.min_turns, max_turns=data_args.max_turns, tell_weight=data_args.tell_weight,
                  own_wording=data_args.own_wording, drop_words=data_args.drop_words, drop_in=data_args.drop_in,
                  answer_match=data_args.answer_match)
-    parts = [case_chats(loaded.case, n - borrowed, train.seed, **shape)]
+    wordings = {}
+    if data_args.borrow_wordings is not None:
+        lenders = [c for c in read_cases([data_args.borrow_wordings])[0].values() if c.case.id != loaded.case.id]
+        wordings = borrowed_wordings(loaded.case, [c.case for c in lenders])
+        source |= {"borrowed_wordings": {c.case.id: c.sha256 for c in lenders}}
+    parts = [case_chats(loaded.case, n - borrowed, train.seed, **shape, borrowed=wordings)]
     for i, other in enumerate(others):  # an even share each, the remainder to the first ones
         share = borrowed // len(others) + (i < borrowed % len(others))
         parts.append(case_chats(other.case, share, train.seed + 1 + i, **shape))
@@ -254,6 +259,7 @@ def hyperparameters(data_args: DataArguments, lora: LoraArguments, train: TrainA
         "drop_words": data_args.drop_words,
         "drop_in": data_args.drop_in,
         "answer_match": data_args.answer_match,
+        "borrow_wordings": None if data_args.borrow_wordings is None else str(data_args.borrow_wordings),
         "loss": "assistant tokens only",
     }
 
