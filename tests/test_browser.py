@@ -90,13 +90,14 @@ class Wire:
 
 
 def hidden_parts(case: dict) -> list[str]:
-    """The case's truth, each of its sentences, each run of five of its words that nothing public contains, and
-    the text of each tell and quirk (the result screen's marks)."""
+    """The case's truth, each of its sentences, each run of six of its words that nothing public contains, and
+    the text of each tell and quirk (the result screen's marks). Six, not five: a guilty suspect slipping its tell
+    says five of the truth's words by chance ("on the lock landing, and": the swans of canal-top-lock's tell)."""
     truth = case["truth"]
     public = json.dumps({k: v for k, v in case.items() if k not in ("truth", "guilty")}).casefold()
     sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", truth) if s.strip()]
     words = truth.split()
-    runs = [" ".join(words[i:i + 5]) for i in range(len(words) - 4)]
+    runs = [" ".join(words[i:i + 6]) for i in range(len(words) - 5)]
     marks = [tell["text"] for tell in case.get("tells", [])] + case.get("quirks", [])
     return [truth, *sentences, *(r for r in runs if r.casefold() not in public), *marks]
 
