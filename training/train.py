@@ -208,7 +208,7 @@ def build_dataset(loaded: LoadedCase, data_args: DataArguments, train: TrainArgu
     n = data_args.chats or (train.steps * train.examples_per_step if train.steps else 256)
     source = {"source": "case", "chats": n, "question_bank_sha256": file_sha256(BANK)}
     others = [other for other in others if other.case.id != loaded.case.id] if data_args.mix else []
-    borrowed = round(n * data_args.mix) if others else 0
+    mixed_in = round(n * data_args.mix) if others else 0
     shape = dict(min_turns=data_args.min_turns, max_turns=data_args.max_turns, tell_weight=data_args.tell_weight,
                  own_wording=data_args.own_wording, drop_words=data_args.drop_words, drop_in=data_args.drop_in,
                  answer_match=data_args.answer_match)
@@ -217,11 +217,11 @@ def build_dataset(loaded: LoadedCase, data_args: DataArguments, train: TrainArgu
         lenders = [c for c in read_cases([data_args.borrow_wordings])[0].values() if c.case.id != loaded.case.id]
         wordings = borrowed_wordings(loaded.case, [c.case for c in lenders])
         source |= {"borrowed_wordings": {c.case.id: c.sha256 for c in lenders}}
-    parts = [case_chats(loaded.case, n - borrowed, train.seed, **shape, borrowed=wordings)]
+    parts = [case_chats(loaded.case, n - mixed_in, train.seed, **shape, borrowed=wordings)]
     for i, other in enumerate(others):  # an even share each, the remainder to the first ones
-        share = borrowed // len(others) + (i < borrowed % len(others))
+        share = mixed_in // len(others) + (i < mixed_in % len(others))
         parts.append(case_chats(other.case, share, train.seed + 1 + i, **shape))
-    if borrowed:
+    if mixed_in:
         source |= {"mix": data_args.mix, "others": {o.case.id: o.sha256 for o in others}}
     return concatenate_datasets(parts).shuffle(seed=train.seed), source
 
